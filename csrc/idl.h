@@ -1,0 +1,126 @@
+/*
+ * idl.h: the C API of idl's numerical kernels.
+ *
+ * Plain C11. The kernels take pointers, sizes and row strides and know nothing
+ * of torch; csrc/ops.cpp checks tensors and calls them. Every kernel comes in a
+ * float (`_f32`) and a double (`_f64`) version.
+ *
+ * Layout is batch-first and row-major, as in PyTorch: a batch of states X is
+ * (m samples) x (n features), row i at X + i * n.
+ */
+#ifndef IDL_H
+#define IDL_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- activations -------------------------------------------------------- */
+
+/* The built-in activations φ, all 1-Lipschitz. `param` is the negative slope of
+ * IDL_LEAKY_RELU and is ignored by the others. */
+typedef enum {
+    IDL_IDENTITY = 0,
+    IDL_RELU = 1,
+    IDL_LEAKY_RELU = 2,
+    IDL_TANH = 3,
+    IDL_HARDTANH = 4, /* clamp to [-1, 1] */
+    IDL_SIGMOID = 5,
+    IDL_SOFTPLUS = 6  /* log(1 + e^z), beta 1 */
+} idl_activation;
+
+typedef struct {
+    idl_activation kind;
+    double param;
+} idl_act;
+
+/* out = φ'(z) elementwise, for `count` contiguous values. */
+void idl_dphi_f32(idl_act act, int64_t count, const float *z, float *out);
+void idl_dphi_f64(idl_act act, int64_t count, const double *z, double *out);
+
+/* ---- projection onto {A : ||A||_inf <= kappa} --------------------------- */
+
+typedef enum {
+    IDL_PROJECT_EXACT = 0, /* Euclidean projection: each row onto the l1 ball */
+    IDL_PROJECT_SCALE = 1  /* A * kappa / ||A||_inf when ||A||_inf > kappa   */
+} idl_projection;
+
+/* out (rows x cols, contiguous) = projection of a (row stride lda).
+ * `scratch` holds at least `cols` values. */
+void idl_project_linf_f32(idl_projection mode, int64_t rows, int64_t cols,
+                          const float *a, int64_t lda, double kappa,
+                          float *out, float *scratch);
+void idl_project_linf_f64(idl_projection mode, int64_t rows, int64_t cols,
+                          const double *a, int64_t lda, double kappa,
+                          double *out, double *scratch);
+
+/* grad_a (contiguous) = J(a)^T grad, the vector-Jacobian product of the
+ * projection at a. `scratch` holds at least `cols` values. */
+void idl_project_linf_backward_f32(idl_projection mode, int64_t rows,
+                                   int64_t cols, const float *a, int64_t lda,
+                                   double kappa, const float *grad,
+                                   float *grad_a, float *scratch);
+void idl_project_linf_backward_f64(idl_projection mode, int64_t rows,
+                                   int64_t cols, const double *a, int64_t lda,
+                                   double kappa, const double *grad,
+                                   double *grad_a, double *scratch);
+
+/* ---- fixed-point solves --------------------------------------------------- */
+
+/* out (rows x n) = left (rows x n) times a fixed n x n matrix held in ctx. The
+ * caller supplies it (csrc/ops.cpp routes it to ATen's GEMM). */
+typedef void (*idl_matmul_fn)(void *ctx, int64_t rows, const void *left,
+                              void *out);
+
+typedef struct {
+    idl_matmul_fn matmul;
+    void *ctx;
+} idl_matmul;
+
+/* How a solve stops: at `max_iter` iterations, or once every sample's
+ * residual ||x_{k+1} - x_k||_inf is <= tol. */
+typedef struct {
+    int64_t max_iter;
+    double tol;
+} idl_stop;
+
+/* What a solve did. `residual` is the largest final residual over samples,
+ * NaN or Inf when an iterate stopped being finite (the solve stops there). */
+typedef struct {
+    int64_t iterations;
+    double residual;
+    int converged;
+} idl_stats;
+
+/* Workspace for a solve of m samples of width n: 3*m*n values of the solve's
+ * type, followed by m int64 indices. The helper gives its size in bytes. */
+int64_t idl_solve_workspace_bytes(int64_t m, int64_t n, int64_t elem_size);
+
+/* Forward: X = φ(X Aᵀ + C0) by Picard iteration from X0. `matmul` multiplies by
+ * Aᵀ. Writes X and Z = X Aᵀ + C0 at the returned X (so X = φ(Z) exactly).
+ * A sample stops iterating as soon as its own residual is <= tol. */
+idl_stats idl_fixed_point_f32(int64_t m, int64_t n, idl_matmul matmul_at,
+                              const float *c0, const float *x0, idl_act act,
+                              idl_stop stop, float *x, float *z,
+                              void *workspace);
+idl_stats idl_fixed_point_f64(int64_t m, int64_t n, idl_matmul matmul_at,
+                              const double *c0, const double *x0, idl_act act,
+                              idl_stop stop, double *x, double *z,
+                              void *workspace);
+
+/* Adjoint: V = φ'(Z) ⊙ (V A + G) by iteration from V = 0. `matmul` multiplies
+ * by A. This is dL/dZ at the fixed point for G = dL/dX. */
+idl_stats idl_adjoint_f32(int64_t m, int64_t n, idl_matmul matmul_a,
+                          const float *z, const float *g, idl_act act,
+                          idl_stop stop, float *v, void *workspace);
+idl_stats idl_adjoint_f64(int64_t m, int64_t n, idl_matmul matmul_a,
+                          const double *z, const double *g, idl_act act,
+                          idl_stop stop, double *v, void *workspace);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* IDL_H */
