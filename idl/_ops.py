@@ -8,6 +8,7 @@ import contextvars
 import warnings
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from . import _C  # noqa: F401  (loading the library registers torch.ops.idl)
 
@@ -25,7 +26,11 @@ class SolveNotConverged(RuntimeError):
 
 def report_solve(stats, what, on_nonconvergence, sink=None):
     """Read a solve's stats tensor [iterations, residual, converged], hand it to
-    ``sink`` (a callable, or None) and warn or raise if it did not converge."""
+    ``sink`` (a callable, or None) and warn or raise if it did not converge.
+    While a graph is being traced (torch.compile, fake tensors) there is no
+    value to read yet, and nothing is reported."""
+    if torch.compiler.is_compiling() or is_fake(stats):
+        return None
     iterations, residual, converged = stats.tolist()
     record = {"iterations": int(iterations), "residual": residual, "converged": bool(converged)}
     if sink is not None:
@@ -112,8 +117,7 @@ def _solve_backward(ctx, grad_X, _grad_Z, _grad_stats):
     activation, slope, grad_max_iter, grad_tol = ctx.settings
     V, stats = ops.fixed_point_adjoint(A, Z, grad_X, activation, slope, grad_max_iter, grad_tol)
     sink, on_nonconvergence = ctx.reporting
-    if not torch.compiler.is_compiling():
-        report_solve(stats, "backward", on_nonconvergence, sink)
+    report_solve(stats, "backward", on_nonconvergence, sink)
     grad_A = V.t() @ X if ctx.needs_input_grad[0] else None
     return grad_A, V, None, None, None, None, None, None, None
 

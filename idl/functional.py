@@ -85,8 +85,7 @@ def fixed_point(
         A, C0, X0, activation, float(slope),
         options.max_iter, float(options.tol), options.grad_max_iter, float(options.grad_tol),
     )
-    if not torch.compiler.is_compiling():
-        report_solve(stats, "forward", options.on_nonconvergence, sink)
+    report_solve(stats, "forward", options.on_nonconvergence, sink)
     return X
 
 

@@ -1,0 +1,183 @@
+"""idl::fixed_point and idl::fixed_point_adjoint against whole-batch Picard and
+dense implicit-gradient references."""
+import warnings
+
+import pytest
+import torch
+
+import idl
+from idl import functional as F
+from reference import dphi, implicit_vjp, picard, project_rows_l1
+
+ACTIVATIONS = list(idl.ACTIVATIONS)
+TIGHT = F.SolverOptions(max_iter=10_000, tol=1e-13, grad_max_iter=10_000, grad_tol=1e-13)
+
+
+def problem(m=6, n=5, kappa=0.9, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = project_rows_l1(torch.randn(n, n, generator=g, dtype=dtype), kappa)
+    C0 = torch.randn(m, n, generator=g, dtype=dtype)
+    return A, C0
+
+
+def solve(A, C0, activation="relu", X0=None, slope=0.01, max_iter=10_000, tol=1e-13):
+    return torch.ops.idl.fixed_point(A, C0, X0, activation, slope, max_iter, tol, 100, 1e-10)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_forward_matches_picard_reference(activation):
+    A, C0 = problem()
+    X, Z, stats = solve(A, C0, activation, slope=0.1)
+    torch.testing.assert_close(X, picard(A, C0, activation, slope=0.1), atol=1e-11, rtol=0)
+    torch.testing.assert_close(Z, X @ A.T + C0, atol=1e-11, rtol=0)
+    iterations, residual, converged = stats.tolist()
+    assert converged == 1.0 and residual <= 1e-13 and 1 <= iterations < 10_000
+
+
+def test_float32_close_to_float64():
+    A, C0 = problem(m=40, n=30)
+    X64, _, _ = solve(A, C0, tol=1e-12)
+    X32, _, stats = solve(A.float(), C0.float(), tol=1e-6)
+    assert stats[2] == 1.0
+    torch.testing.assert_close(X32.double(), X64, atol=1e-5, rtol=0)
+
+
+def test_each_sample_stops_at_its_own_tolerance():
+    A, C0 = problem(m=8)
+    C0[:4] = 0  # these samples sit at X = 0 from the first iteration
+    X, _, stats = solve(A, C0, tol=1e-10)
+    assert (X[:4] == 0).all()
+    torch.testing.assert_close(X, picard(A, C0, "relu"), atol=1e-9, rtol=0)
+
+
+def test_warm_start_at_the_fixed_point_takes_one_iteration():
+    A, C0 = problem()
+    X, _, _ = solve(A, C0)
+    X2, _, stats = solve(A, C0, X0=X, tol=1e-12)
+    assert stats[0] == 1 and stats[2] == 1
+    torch.testing.assert_close(X2, X, atol=1e-12, rtol=0)
+
+
+def test_iteration_limit_reports_not_converged():
+    A, C0 = problem(kappa=0.99)
+    _, _, stats = solve(A, C0, "identity", max_iter=3, tol=0.0)
+    iterations, residual, converged = stats.tolist()
+    assert (iterations, converged) == (3, 0.0) and residual > 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_stops_immediately(bad):
+    A, C0 = problem()
+    C0[2, 1] = bad
+    _, _, stats = solve(A, C0, "identity", max_iter=500)
+    iterations, residual, converged = stats.tolist()
+    assert iterations == 1 and converged == 0.0
+    assert residual != residual or residual == float("inf")
+
+
+def test_empty_batch():
+    A, _ = problem()
+    X, Z, stats = solve(A, torch.empty(0, 5, dtype=torch.float64))
+    assert X.shape == (0, 5) and stats[2] == 1.0
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_adjoint_matches_dense_solve(activation):
+    A, C0 = problem()
+    X, Z, _ = solve(A, C0, activation, slope=0.1)
+    G = torch.randn_like(X)
+    V, stats = torch.ops.idl.fixed_point_adjoint(A, Z, G, activation, 0.1, 10_000, 1e-13)
+    V_ref, _ = implicit_vjp(A, X, C0, G, activation, slope=0.1)
+    torch.testing.assert_close(V, V_ref, atol=1e-10, rtol=0)
+    assert stats[2] == 1.0
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_dphi_matches_torch_autograd(activation):
+    # the adjoint with A = 0 and G = 1 returns φ'(Z) itself
+    Z = torch.tensor([[-25.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 25.0]], dtype=torch.float64)
+    A = torch.zeros(9, 9, dtype=torch.float64)
+    V, _ = torch.ops.idl.fixed_point_adjoint(A, Z, torch.ones_like(Z), activation, 0.1, 5, 0.0)
+    torch.testing.assert_close(V, dphi(activation, Z, 0.1))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradcheck_of_the_solve(activation):
+    A, C0 = problem(m=3, n=4)
+    A.requires_grad_(True)
+    C0.requires_grad_(True)
+
+    def f(A, C0):
+        return F.fixed_point(A, C0, None, activation, 0.1, TIGHT)
+
+    assert torch.autograd.gradcheck(f, (A, C0))
+
+
+def test_opcheck():
+    A, C0 = problem(m=3, n=4)
+    args = (A.requires_grad_(True), C0.requires_grad_(True), None, "tanh", 0.0, 500, 1e-12, 500, 1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", idl.ImplicitFunctionWarning)
+        torch.library.opcheck(torch.ops.idl.fixed_point.default, args)
+    X, Z, _ = solve(A.detach(), C0.detach(), "tanh")
+    torch.library.opcheck(
+        torch.ops.idl.fixed_point_adjoint.default, (A.detach(), Z, torch.randn_like(Z), "tanh", 0.0, 500, 1e-12)
+    )
+
+
+def test_python_path_matches_compiled_path():
+    """A Python φ takes the Python-driven loop: same fixed point, same stats,
+    same gradients as the compiled solve of the same activation."""
+    A, C0 = problem(m=7, n=6)
+    options = F.SolverOptions(max_iter=500, tol=1e-10, grad_max_iter=500, grad_tol=1e-10)
+    results = []
+    for path in ("compiled", "python"):
+        a, c0 = A.clone().requires_grad_(True), C0.clone().requires_grad_(True)
+        records = {}
+
+        def sink(what, record):
+            records[what] = record
+
+        if path == "compiled":
+            token = idl._ops.backward_reporting.set((sink, "warn"))
+            X = F.fixed_point(a, c0, None, "tanh", 0.0, options, sink)
+            idl._ops.backward_reporting.reset(token)
+        else:
+            X = F.fixed_point_custom(a, c0, None, torch.tanh, lambda z: 1 - torch.tanh(z) ** 2, options, sink)
+        (X * torch.arange(6.0, dtype=X.dtype)).sum().backward()
+        results.append((X.detach(), a.grad, c0.grad, records))
+    (X1, gA1, gC1, r1), (X2, gA2, gC2, r2) = results
+    torch.testing.assert_close(X1, X2, atol=1e-12, rtol=0)
+    torch.testing.assert_close(gA1, gA2, atol=1e-12, rtol=0)
+    torch.testing.assert_close(gC1, gC2, atol=1e-12, rtol=0)
+    for what in ("forward", "backward"):
+        assert r1[what]["iterations"] == r2[what]["iterations"]
+        assert r1[what]["converged"] and r2[what]["converged"]
+        assert abs(r1[what]["residual"] - r2[what]["residual"]) < 1e-12
+
+
+@pytest.mark.parametrize(
+    "args, error, words",
+    [
+        ((torch.randn(4, 3), torch.randn(2, 4)), ValueError, "square"),
+        ((torch.randn(4, 4), torch.randn(2, 3)), ValueError, "columns"),
+        ((torch.randn(4, 4), torch.randn(2, 4, dtype=torch.float64)), TypeError, "dtype"),
+        ((torch.randn(4, 4), torch.randn(2, 4).int()), TypeError, "float32 or float64"),
+        ((torch.randn(4, 4), torch.randn(4)), ValueError, "2-D"),
+    ],
+)
+def test_bad_input(args, error, words):
+    with pytest.raises(error, match=words):
+        torch.ops.idl.fixed_point(*args, None, "relu", 0.0, 10, 1e-6, 10, 1e-6)
+
+
+def test_bad_settings():
+    A, C0 = problem()
+    with pytest.raises(ValueError, match="unknown activation"):
+        solve(A, C0, "gelu")
+    with pytest.raises(ValueError, match="max_iter"):
+        solve(A, C0, max_iter=0)
+    with pytest.raises(ValueError, match="tol"):
+        solve(A, C0, tol=-1.0)
+    with pytest.raises(ValueError, match="X0 must have shape"):
+        solve(A, C0, X0=torch.zeros(2, 5, dtype=torch.float64))
