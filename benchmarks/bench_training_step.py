@@ -1,0 +1,98 @@
+"""One training step (forward + backward) of idl vs torchidl 0.0.4, side by side.
+
+Both packages get the same weights, data, iteration limits and tolerances; the
+runs are interleaved so that machine noise hits both alike. Prints the median
+time of each and the ratio, and checks that the losses agree.
+
+    pip install --no-deps torchidl==0.0.4      # keeps the pinned torch
+    python benchmarks/bench_training_step.py [--repeats 30]
+
+Weights: "init" is torchidl's initialisation (||A||_inf ~ 0.8, so neither
+projection changes A); "boundary" scales A to ||A||_inf = 2 so the projection is
+active, as after training. idl runs with projection="scale" to solve exactly
+torchidl's problem, and with its default exact projection for reference.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torchidl
+
+import idl
+
+CONFIGS = [  # (input, hidden, output, batch)
+    (784, 100, 10, 128),
+    (64, 128, 10, 5),
+]
+SETTINGS = dict(mitr=300, grad_mitr=300, tol=3e-6, grad_tol=3e-6, kappa=0.99)
+
+
+def make_pair(p, n, q, regime, seed=0):
+    torch.manual_seed(seed)
+    upstream = torchidl.ImplicitModel(input_dim=p, output_dim=q, hidden_dim=n, **SETTINGS)
+    if regime == "boundary":
+        with torch.no_grad():
+            upstream.A.mul_(2.0 / upstream.A.abs().sum(1).max())
+    ours = {
+        mode: idl.ImplicitModel(input_dim=p, output_dim=q, hidden_dim=n, projection=mode, **SETTINGS)
+        for mode in ("scale", "exact")
+    }
+    for model in ours.values():
+        model.load_state_dict(upstream.state_dict())
+    return upstream, ours
+
+
+def step(model, U, y):
+    model.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(model(U), y)
+    loss.backward()
+    return loss.item()
+
+
+def timed(model, U, y):
+    start = time.perf_counter()
+    loss = step(model, U, y)
+    return time.perf_counter() - start, loss
+
+
+def bench(p, n, q, batch, regime, repeats):
+    upstream, ours = make_pair(p, n, q, regime)
+    U = torch.rand(batch, p)
+    y = torch.randint(0, q, (batch,))
+    contenders = {"torchidl": upstream, "idl (scale)": ours["scale"], "idl (exact)": ours["exact"]}
+    times = {name: [] for name in contenders}
+    losses = {}
+    for model in contenders.values():  # warm up
+        step(model, U, y)
+    for _ in range(repeats):
+        for name, model in contenders.items():
+            seconds, losses[name] = timed(model, U, y)
+            times[name].append(seconds)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    iterations = ours["scale"].last_stats
+    return medians, losses, iterations
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} steps\n")
+    header = (f"| {'p->n->q':>12} | {'batch':>5} | {'weights':>8} | {'torchidl ms':>11} | {'idl scale ms':>12} "
+              f"| {'speed-up':>8} | {'idl exact ms':>12} | {'|dloss|':>8} | {'fwd/bwd it':>10} |")
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    for p, n, q, batch in CONFIGS:
+        for regime in ("init", "boundary"):
+            medians, losses, stats = bench(p, n, q, batch, regime, args.repeats)
+            ratio = medians["torchidl"] / medians["idl (scale)"]
+            loss_gap = abs(losses["torchidl"] - losses["idl (scale)"])
+            its = f"{stats.forward['iterations']}/{stats.backward['iterations']}"
+            print(f"| {f'{p}->{n}->{q}':>12} | {batch:>5} | {regime:>8} | {1e3 * medians['torchidl']:>11.3f} "
+                  f"| {1e3 * medians['idl (scale)']:>12.3f} | {ratio:>7.1f}x | {1e3 * medians['idl (exact)']:>12.3f} "
+                  f"| {loss_gap:>8.1e} | {its:>10} |")
+
+
+if __name__ == "__main__":
+    main()
