@@ -79,12 +79,23 @@ typedef struct {
     void *ctx;
 } idl_matmul;
 
-/* How a solve stops: at `max_iter` iterations, or once every sample's
- * residual ||x_{k+1} - x_k||_inf is <= tol. */
+/* How a solve iterates and when it stops: at `max_iter` iterations, or once
+ * every sample's residual ||g(x_k) - x_k||_inf is <= tol, g being the map of
+ * the solve. IDL_ANDERSON mixes the last `memory` iterates of each sample
+ * (1 <= memory <= IDL_ANDERSON_MAX_MEMORY) with a ridge of `regularization`
+ * times the mean diagonal of their Gram matrix; where a step increases a
+ * sample's residual, that sample falls back to a plain Picard step. */
+typedef enum { IDL_PICARD = 0, IDL_ANDERSON = 1 } idl_method;
+
+#define IDL_ANDERSON_MAX_MEMORY 16
+
 typedef struct {
+    idl_method method;
     int64_t max_iter;
     double tol;
-} idl_stop;
+    int64_t memory;
+    double regularization;
+} idl_solver;
 
 /* What a solve did. `residual` is the largest final residual over samples,
  * NaN or Inf when an iterate stopped being finite (the solve stops there). */
@@ -94,30 +105,31 @@ typedef struct {
     int converged;
 } idl_stats;
 
-/* Workspace for a solve of m samples of width n: 3*m*n values of the solve's
- * type, followed by m int64 indices. The helper gives its size in bytes. */
-int64_t idl_solve_workspace_bytes(int64_t m, int64_t n, int64_t elem_size);
+/* Bytes of workspace a solve of m samples of width n needs. */
+int64_t idl_solve_workspace_bytes(int64_t m, int64_t n, int64_t elem_size,
+                                  idl_solver solver);
 
-/* Forward: X = φ(X Aᵀ + C0) by Picard iteration from X0. `matmul` multiplies by
- * Aᵀ. Writes X and Z = X Aᵀ + C0 at the returned X (so X = φ(Z) exactly).
- * A sample stops iterating as soon as its own residual is <= tol. */
+/* Forward: X = φ(X Aᵀ + C0), iterating from X0. `matmul` multiplies by Aᵀ.
+ * Writes X and Z with X = φ(Z) exactly, Z = X_prev Aᵀ + C0 for the last
+ * iterate X_prev. A sample stops iterating as soon as its own residual is
+ * <= tol. */
 idl_stats idl_fixed_point_f32(int64_t m, int64_t n, idl_matmul matmul_at,
                               const float *c0, const float *x0, idl_act act,
-                              idl_stop stop, float *x, float *z,
+                              idl_solver solver, float *x, float *z,
                               void *workspace);
 idl_stats idl_fixed_point_f64(int64_t m, int64_t n, idl_matmul matmul_at,
                               const double *c0, const double *x0, idl_act act,
-                              idl_stop stop, double *x, double *z,
+                              idl_solver solver, double *x, double *z,
                               void *workspace);
 
-/* Adjoint: V = φ'(Z) ⊙ (V A + G) by iteration from V = 0. `matmul` multiplies
+/* Adjoint: V = φ'(Z) ⊙ (V A + G), iterating from V = 0. `matmul` multiplies
  * by A. This is dL/dZ at the fixed point for G = dL/dX. */
 idl_stats idl_adjoint_f32(int64_t m, int64_t n, idl_matmul matmul_a,
                           const float *z, const float *g, idl_act act,
-                          idl_stop stop, float *v, void *workspace);
+                          idl_solver solver, float *v, void *workspace);
 idl_stats idl_adjoint_f64(int64_t m, int64_t n, idl_matmul matmul_a,
                           const double *z, const double *g, idl_act act,
-                          idl_stop stop, double *v, void *workspace);
+                          idl_solver solver, double *v, void *workspace);
 
 #ifdef __cplusplus
 }

@@ -75,10 +75,24 @@ idl_act parse_activation(c10::string_view name, double slope) {
     TORCH_CHECK_VALUE(false, "idl: unknown activation '", std::string(name), "'");
 }
 
-idl_stop parse_stop(int64_t max_iter, double tol) {
+// Anderson's ridge, relative to the mean diagonal of the Gram matrix: enough
+// to keep the small systems solvable, far below what would slow convergence.
+constexpr double kAndersonRegularization = 1e-10;
+
+idl_solver parse_solver(c10::string_view method, int64_t max_iter, double tol, int64_t memory) {
     TORCH_CHECK_VALUE(max_iter >= 1, "idl: max_iter must be >= 1, got ", max_iter);
     TORCH_CHECK_VALUE(tol >= 0.0, "idl: tol must be >= 0, got ", tol);
-    return idl_stop{max_iter, tol};
+    idl_solver solver{IDL_PICARD, max_iter, tol, memory, kAndersonRegularization};
+    if (method == "anderson") {
+        TORCH_CHECK_VALUE(memory >= 1 && memory <= IDL_ANDERSON_MAX_MEMORY,
+                          "idl: anderson memory must be in [1, ", IDL_ANDERSON_MAX_MEMORY,
+                          "], got ", memory);
+        solver.method = IDL_ANDERSON;
+    } else {
+        TORCH_CHECK_VALUE(method == "picard", "idl: method must be 'picard' or 'anderson', got '",
+                          std::string(method), "'");
+    }
+    return solver;
 }
 
 at::Tensor stats_tensor(const idl_stats& s) {
@@ -105,8 +119,8 @@ void matmul_by_factor(void* ctx, int64_t rows, const void* left, void* out) {
     at::mm_out(out_t, left_t, m);
 }
 
-at::Tensor workspace_for(int64_t m, int64_t n, const at::Tensor& like) {
-    return at::empty({idl_solve_workspace_bytes(m, n, like.element_size())},
+at::Tensor workspace_for(int64_t m, int64_t n, const at::Tensor& like, const idl_solver& solver) {
+    return at::empty({idl_solve_workspace_bytes(m, n, like.element_size(), solver)},
                      like.options().dtype(at::kByte));
 }
 
@@ -156,15 +170,16 @@ void check_square_with(const at::Tensor& A, const at::Tensor& rows, const char* 
 }
 
 // Forward solve. grad_max_iter and grad_tol are the settings of the implicit
-// backward: the autograd formula (idl/_ops.py) reads them; the solve does not.
+// backward (which uses the same method and memory): the autograd formula in
+// idl/_ops.py reads them; the solve itself does not.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_point_cpu(
     const at::Tensor& A, const at::Tensor& C0, const c10::optional<at::Tensor>& X0,
     c10::string_view activation, double slope, int64_t max_iter, double tol,
-    int64_t grad_max_iter, double grad_tol) {
+    int64_t grad_max_iter, double grad_tol, c10::string_view method, int64_t memory) {
     check_square_with(A, C0, "C0");
     const auto act = parse_activation(activation, slope);
-    const auto stop = parse_stop(max_iter, tol);
-    parse_stop(grad_max_iter, grad_tol);
+    const auto solver = parse_solver(method, max_iter, tol, memory);
+    parse_solver(method, grad_max_iter, grad_tol, memory);
     auto c0 = C0.contiguous();
     at::Tensor x0;
     if (X0.has_value()) {
@@ -178,13 +193,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_point_cpu(
     const int64_t m = c0.size(0), n = c0.size(1);
     auto x = at::empty_like(c0);
     auto z = at::empty_like(c0);
-    auto work = workspace_for(m, n, c0);
+    auto work = workspace_for(m, n, c0, solver);
     RightFactor at_factor{A.t()};
     idl_matmul mm{matmul_by_factor, &at_factor};
     idl_stats stats;
     AT_DISPATCH_FLOATING_TYPES(c0.scalar_type(), "idl::fixed_point", [&] {
         stats = Kernels<scalar_t>::fixed_point(m, n, mm, c0.const_data_ptr<scalar_t>(),
-                                               x0.const_data_ptr<scalar_t>(), act, stop,
+                                               x0.const_data_ptr<scalar_t>(), act, solver,
                                                x.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
                                                work.data_ptr());
     });
@@ -195,24 +210,25 @@ std::tuple<at::Tensor, at::Tensor> fixed_point_adjoint_cpu(const at::Tensor& A, 
                                                            const at::Tensor& G,
                                                            c10::string_view activation,
                                                            double slope, int64_t max_iter,
-                                                           double tol) {
+                                                           double tol, c10::string_view method,
+                                                           int64_t memory) {
     check_square_with(A, Z, "Z");
     check_same(G, Z, "G", "Z");
     TORCH_CHECK_VALUE(G.sizes() == Z.sizes(), "idl: G must have shape ", Z.sizes(), ", got ",
                       G.sizes());
     const auto act = parse_activation(activation, slope);
-    const auto stop = parse_stop(max_iter, tol);
+    const auto solver = parse_solver(method, max_iter, tol, memory);
     auto z = Z.contiguous();
     auto g = G.contiguous();
     const int64_t m = z.size(0), n = z.size(1);
     auto v = at::empty_like(z);
-    auto work = workspace_for(m, n, z);
+    auto work = workspace_for(m, n, z, solver);
     RightFactor a_factor{A};
     idl_matmul mm{matmul_by_factor, &a_factor};
     idl_stats stats;
     AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "idl::fixed_point_adjoint", [&] {
         stats = Kernels<scalar_t>::adjoint(m, n, mm, z.const_data_ptr<scalar_t>(),
-                                           g.const_data_ptr<scalar_t>(), act, stop,
+                                           g.const_data_ptr<scalar_t>(), act, solver,
                                            v.data_ptr<scalar_t>(), work.data_ptr());
     });
     return {v, stats_tensor(stats)};
@@ -225,11 +241,12 @@ TORCH_LIBRARY(idl, m) {
     m.def("project_linf_backward(Tensor grad, Tensor A, float kappa, str mode) -> Tensor");
     m.def(
         "fixed_point(Tensor A, Tensor C0, Tensor? X0, str activation, float slope, "
-        "int max_iter, float tol, int grad_max_iter, float grad_tol) "
-        "-> (Tensor X, Tensor Z, Tensor stats)");
+        "int max_iter, float tol, int grad_max_iter, float grad_tol, str method=\"picard\", "
+        "int memory=5) -> (Tensor X, Tensor Z, Tensor stats)");
     m.def(
         "fixed_point_adjoint(Tensor A, Tensor Z, Tensor G, str activation, float slope, "
-        "int max_iter, float tol) -> (Tensor V, Tensor stats)");
+        "int max_iter, float tol, str method=\"picard\", int memory=5) "
+        "-> (Tensor V, Tensor stats)");
 }
 
 TORCH_LIBRARY_IMPL(idl, CPU, m) {

@@ -92,20 +92,20 @@ def _stats_like(t):
 
 
 @torch.library.register_fake("idl::fixed_point")
-def _(A, C0, X0, activation, slope, max_iter, tol, grad_max_iter, grad_tol):
+def _(A, C0, X0, activation, slope, max_iter, tol, grad_max_iter, grad_tol, method="picard", memory=5):
     return torch.empty_like(C0), torch.empty_like(C0), _stats_like(C0)
 
 
 @torch.library.register_fake("idl::fixed_point_adjoint")
-def _(A, Z, G, activation, slope, max_iter, tol):
+def _(A, Z, G, activation, slope, max_iter, tol, method="picard", memory=5):
     return torch.empty_like(Z), _stats_like(Z)
 
 
 def _solve_setup(ctx, inputs, output):
-    A, _C0, _X0, activation, slope, _mi, _tol, grad_max_iter, grad_tol = inputs
+    A, _C0, _X0, activation, slope, _mi, _tol, grad_max_iter, grad_tol, method, memory = inputs
     X, Z, _stats = output
     ctx.save_for_backward(A, X, Z)
-    ctx.settings = (activation, slope, grad_max_iter, grad_tol)
+    ctx.settings = (activation, slope, grad_max_iter, grad_tol, method, memory)
     ctx.reporting = backward_reporting.get()
     ctx.mark_non_differentiable(Z, _stats)
 
@@ -114,12 +114,11 @@ def _solve_backward(ctx, grad_X, _grad_Z, _grad_stats):
     """Implicit differentiation: with V = φ'(Z) ⊙ (V A + dL/dX), dL/dC0 = V and
     dL/dA = Vᵀ X. No iterate of the forward solve is needed."""
     A, X, Z = ctx.saved_tensors
-    activation, slope, grad_max_iter, grad_tol = ctx.settings
-    V, stats = ops.fixed_point_adjoint(A, Z, grad_X, activation, slope, grad_max_iter, grad_tol)
+    V, stats = ops.fixed_point_adjoint(A, Z, grad_X, *ctx.settings)
     sink, on_nonconvergence = ctx.reporting
     report_solve(stats, "backward", on_nonconvergence, sink)
     grad_A = V.t() @ X if ctx.needs_input_grad[0] else None
-    return grad_A, V, None, None, None, None, None, None, None
+    return grad_A, V, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("idl::fixed_point", _solve_backward, setup_context=_solve_setup)

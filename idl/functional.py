@@ -35,25 +35,41 @@ def check_kappa(kappa):
         raise ValueError(f"kappa must be in (0, 1], got {kappa}")
 
 
+METHODS = ("picard", "anderson")
+ANDERSON_MAX_MEMORY = 16  # IDL_ANDERSON_MAX_MEMORY in csrc/idl.h
+ANDERSON_REGULARIZATION = 1e-10  # kAndersonRegularization in csrc/ops.cpp
+
+
 @dataclass(frozen=True)
 class SolverOptions:
-    """How the forward and backward fixed-point solves stop, and what happens
-    when they do not converge (``"warn"``: ImplicitFunctionWarning, or
-    ``"raise"``: SolveNotConverged)."""
+    """How the forward and backward fixed-point solves iterate and stop, and
+    what happens when they do not converge.
+
+    Each sample stops once its residual ||g(x) - x||_inf is <= tol (grad_tol
+    for the backward), or at max_iter (grad_max_iter) iterations. ``method``
+    is ``"picard"`` (x <- g(x)) or ``"anderson"`` (Anderson acceleration over
+    the last ``memory`` iterates of each sample, falling back to a Picard step
+    where a step increased that sample's residual); both solves use it.
+    ``on_nonconvergence`` is ``"warn"`` (ImplicitFunctionWarning) or
+    ``"raise"`` (SolveNotConverged)."""
 
     max_iter: int = 300
     tol: float = 3e-6
     grad_max_iter: int = 300
     grad_tol: float = 3e-6
     on_nonconvergence: str = "warn"
+    method: str = "picard"
+    memory: int = 5
 
     def __post_init__(self):
-        for name in ("max_iter", "grad_max_iter"):
+        for name in ("max_iter", "grad_max_iter", "memory"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.memory > ANDERSON_MAX_MEMORY:
+            raise ValueError(f"memory must be <= {ANDERSON_MAX_MEMORY}, got {self.memory}")
         for name in ("tol", "grad_tol"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -65,6 +81,13 @@ class SolverOptions:
                 f"on_nonconvergence must be one of {NONCONVERGENCE_POLICIES}, "
                 f"got {self.on_nonconvergence!r}"
             )
+        if self.method not in METHODS:
+            raise ValueError(f"solver must be one of {METHODS}, got {self.method!r}")
+
+    def forward_args(self):
+        """The solver arguments of idl::fixed_point after activation/slope."""
+        return (self.max_iter, float(self.tol), self.grad_max_iter, float(self.grad_tol),
+                self.method, self.memory)
 
 
 def fixed_point(
@@ -81,10 +104,7 @@ def fixed_point(
     Differentiable in A and C0 by implicit differentiation. ``sink(what,
     record)`` receives the stats of the forward and, later, backward solve.
     """
-    X, _Z, stats = ops.fixed_point(
-        A, C0, X0, activation, float(slope),
-        options.max_iter, float(options.tol), options.grad_max_iter, float(options.grad_tol),
-    )
+    X, _Z, stats = ops.fixed_point(A, C0, X0, activation, float(slope), *options.forward_args())
     report_solve(stats, "forward", options.on_nonconvergence, sink)
     return X
 
@@ -92,19 +112,65 @@ def fixed_point(
 # ---- the Python-driven path, for user-defined phi/dphi ----------------------
 
 
-def iterate_rows(start, matmul, step, max_iter, tol):
+class _Anderson:
+    """Anderson mixing for the working rows of :func:`iterate_rows`, the torch
+    twin of csrc/cpu/anderson.inc: per row, the last ``memory`` pairs
+    (f = g(x) - x, g(x)) in slots 0..count-1, x <- Σ α_j g_j with α minimising
+    ||Σ α_j f_j|| subject to Σ α = 1, and a fresh start (one Picard step)
+    where a row's residual grew."""
+
+    def __init__(self, rows, n, memory, like):
+        self.memory = memory
+        self.F = like.new_zeros(rows, memory, n)
+        self.G = like.new_zeros(rows, memory, n)
+        self.count = torch.zeros(rows, dtype=torch.long, device=like.device)
+        self.next = torch.zeros_like(self.count)
+        self.last = torch.full((rows,), math.inf, dtype=torch.float64, device=like.device)
+
+    def keep(self, rows):
+        for name in ("F", "G", "count", "next", "last"):
+            setattr(self, name, getattr(self, name)[rows])
+
+    def step(self, x, gx, residual):
+        grew = residual > self.last
+        self.count[grew], self.next[grew] = 0, 0
+        self.last = residual.clone()
+        at = torch.arange(len(x), device=x.device)
+        self.F[at, self.next] = gx - x
+        self.G[at, self.next] = gx
+        self.next = (self.next + 1) % self.memory
+        self.count = torch.clamp(self.count + 1, max=self.memory)
+        valid = torch.arange(self.memory, device=x.device)[None, :] < self.count[:, None]
+        pair = valid[:, :, None] & valid[:, None, :]
+        gram = (self.F.double() @ self.F.double().transpose(1, 2)) * pair
+        trace = gram.diagonal(dim1=1, dim2=2).sum(1)
+        ridge = ANDERSON_REGULARIZATION * trace / self.count
+        eye = torch.eye(self.memory, dtype=torch.float64, device=x.device)
+        system = gram + eye * torch.where(valid, ridge[:, None], 1.0)[:, None, :]
+        y, info = torch.linalg.solve_ex(system, valid.double())
+        alpha = y / y.sum(1, keepdim=True)
+        mixed = torch.einsum("rm,rmn->rn", alpha.to(x.dtype), self.G)
+        usable = (self.count > 1) & (info == 0) & torch.isfinite(alpha).all(1)
+        failed = (self.count > 1) & ~usable
+        self.count[failed], self.next[failed], self.last[failed] = 0, 0, math.inf
+        return torch.where(usable[:, None], mixed, gx)
+
+
+def iterate_rows(start, matmul, step, max_iter, tol, method="picard", memory=5):
     """The loop of the compiled solver (csrc/cpu/fixed_point.inc), in torch:
-    x <- step(x M, rows) per sample, a sample leaving the working set once its
-    residual ||Δx||_inf is <= tol. Returns (X, stats tensor)."""
+    x <- g(x) = step(x M, rows) per sample (mixed by Anderson if asked), a
+    sample leaving the working set with answer g(x) once its residual
+    ||g(x) - x||_inf is <= tol. Returns (X, stats tensor)."""
     out = start.clone()
     work, rows = start, torch.arange(start.shape[0], device=start.device)
+    anderson = _Anderson(len(rows), start.shape[1], memory, start) if method == "anderson" else None
     iterations, finished_worst, active_worst = 0, 0.0, 0.0
     while rows.numel() > 0 and iterations < max_iter:
         new = step(matmul(work), rows)
         iterations += 1
         residual = (new - work).abs().amax(dim=1) if new.shape[1] else new.new_zeros(len(rows))
         if not torch.isfinite(residual).all():
-            out[rows] = new
+            work = new
             active_worst = float("nan") if torch.isnan(residual).any() else float("inf")
             break
         done = residual <= tol
@@ -112,9 +178,11 @@ def iterate_rows(start, matmul, step, max_iter, tol):
         if done.any():
             finished_worst = max(finished_worst, residual[done].max().item())
         active_worst = residual[~done].max().item() if (~done).any() else 0.0
+        if anderson is not None:
+            new = anderson.step(work, new, residual.double())
+            anderson.keep(~done)
         work, rows = new[~done], rows[~done]
-    else:
-        out[rows] = work
+    out[rows] = work
     converged = rows.numel() == 0
     worst = active_worst if not math.isfinite(active_worst) else max(finished_worst, active_worst)
     stats = torch.tensor([iterations, worst, float(converged)], dtype=torch.float64)
@@ -132,7 +200,9 @@ class _CustomActivationSolve(torch.autograd.Function):
             Z[rows] = P + C0[rows]
             return phi(Z[rows])
 
-        X, stats = iterate_rows(X0, lambda W: W @ A.t(), step, options.max_iter, options.tol)
+        X, stats = iterate_rows(
+            X0, lambda W: W @ A.t(), step, options.max_iter, options.tol, options.method, options.memory
+        )
         report_solve(stats, "forward", options.on_nonconvergence, sink)
         ctx.save_for_backward(A, X, Z)
         ctx.dphi, ctx.options, ctx.sink = dphi, options, sink
@@ -145,7 +215,7 @@ class _CustomActivationSolve(torch.autograd.Function):
         V, stats = iterate_rows(
             torch.zeros_like(grad_X), lambda W: W @ A,
             lambda P, rows: D[rows] * (P + grad_X[rows]),
-            ctx.options.grad_max_iter, ctx.options.grad_tol,
+            ctx.options.grad_max_iter, ctx.options.grad_tol, ctx.options.method, ctx.options.memory,
         )
         report_solve(stats, "backward", ctx.options.on_nonconvergence, ctx.sink)
         return V.t() @ X, V, None, None, None, None, None

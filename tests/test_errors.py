@@ -27,6 +27,9 @@ ARGS = dict(input_dim=3, output_dim=2, hidden_dim=4)
         (dict(projection="clip"), ValueError, "projection"),
         (dict(on_nonconvergence="ignore"), ValueError, "on_nonconvergence"),
         (dict(f=torch.nn.ReLU), TypeError, "f must be"),
+        (dict(solver="newton"), ValueError, "solver"),
+        (dict(solver="anderson", anderson_memory=0), ValueError, "memory"),
+        (dict(solver="anderson", anderson_memory=99), ValueError, "memory"),
     ],
 )
 def test_bad_settings(kwargs, error, words):

@@ -42,26 +42,6 @@ def test_gradcheck_every_activation_and_projection(activation, projection):
     gradcheck_model(make_model(activation=activation, negative_slope=0.2, projection=projection))
 
 
-@pytest.mark.parametrize(
-    "variant",
-    [
-        dict(is_low_rank=True, rank=2),
-        dict(is_low_rank=True, rank=2, projection="scale"),
-        dict(f=idl.ImplicitFunctionTriu),
-        dict(f=idl.ImplicitFunction, kappa=0.5),
-        dict(bias=True),
-        dict(no_D=True, bias=True, activation="tanh"),
-    ],
-    ids=["low_rank", "low_rank_scale", "triu", "plain", "bias", "no_D"],
-)
-def test_gradcheck_variants(variant):
-    model = make_model(**variant)
-    if variant.get("f") is idl.ImplicitFunction:
-        with torch.no_grad():  # A as is must be a contraction on its own
-            model.A.copy_(project_rows_l1(model.A, 0.8))
-    gradcheck_model(model)
-
-
 class SiLU(idl.ImplicitFunctionInf):
     @staticmethod
     def phi(X):
@@ -71,6 +51,28 @@ class SiLU(idl.ImplicitFunctionInf):
     def dphi(X):
         s = torch.sigmoid(X)
         return s * (1 + X * (1 - s))
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(is_low_rank=True, rank=2),
+        dict(is_low_rank=True, rank=2, projection="scale"),
+        dict(f=idl.ImplicitFunctionTriu),
+        dict(f=idl.ImplicitFunction, kappa=0.5),
+        dict(bias=True),
+        dict(no_D=True, bias=True, activation="tanh"),
+        dict(solver="anderson", activation="tanh"),
+        dict(solver="anderson", f=SiLU, kappa=0.5, anderson_memory=3),
+    ],
+    ids=["low_rank", "low_rank_scale", "triu", "plain", "bias", "no_D", "anderson", "anderson_custom"],
+)
+def test_gradcheck_variants(variant):
+    model = make_model(**variant)
+    if variant.get("f") is idl.ImplicitFunction:
+        with torch.no_grad():  # A as is must be a contraction on its own
+            model.A.copy_(project_rows_l1(model.A, 0.8))
+    gradcheck_model(model)
 
 
 def test_gradcheck_custom_activation():
@@ -89,6 +91,18 @@ def test_output_matches_reference(projection):
     want = X @ model.C.T + U @ model.D.T + model.bias_out
     torch.testing.assert_close(model(U), want, atol=1e-11, rtol=0)
     torch.testing.assert_close(model.implicit_state(U), X, atol=1e-11, rtol=0)
+
+
+def test_anderson_and_picard_give_the_same_gradients():
+    U = torch.randn(6, 3, dtype=torch.float64)
+    grads = []
+    for solver in ("picard", "anderson"):
+        model = make_model(solver=solver, activation="tanh", kappa=0.99, hidden_dim=12)
+        model(U).square().sum().backward()
+        assert model.last_stats.forward["converged"] and model.last_stats.backward["converged"]
+        grads.append([p.grad for p in model.parameters()])
+    for picard_grad, anderson_grad in zip(*grads):
+        torch.testing.assert_close(anderson_grad, picard_grad, atol=1e-10, rtol=0)
 
 
 def test_low_rank_A_is_well_posed():

@@ -1,5 +1,6 @@
-/* fixed_point.c: the forward and adjoint fixed-point solves, with the built-in
- * activations. The body is fixed_point.inc, once per type. */
+/* fixed_point.c: the forward and adjoint fixed-point solves (Picard or
+ * Anderson), with the built-in activations. The type-generic bodies are in
+ * activation.inc, anderson.inc and fixed_point.inc, included once per type. */
 #include <math.h>
 #include <string.h>
 #include <tgmath.h> /* exp, tanh, fabs ... at the precision of REAL */
@@ -7,19 +8,83 @@
 #include "../idl.h"
 #include "generic.h"
 
-int64_t idl_solve_workspace_bytes(int64_t m, int64_t n, int64_t elem_size)
+static int64_t anderson_memory(idl_solver solver)
 {
-    return 3 * m * n * elem_size + m * (int64_t)sizeof(int64_t);
+    return solver.method == IDL_ANDERSON ? solver.memory : 0;
+}
+
+int64_t idl_solve_workspace_bytes(int64_t m, int64_t n, int64_t elem_size,
+                                  idl_solver solver)
+{
+    const int64_t M = anderson_memory(solver);
+    const int64_t doubles = m * M * M + m;           /* Gram, last residual */
+    const int64_t ints = 3 * m;                      /* idx, count, next    */
+    const int64_t reals = 3 * m * n                  /* xw, p, aux          */
+                          + (M > 0 ? m * n : 0)      /* gxw                 */
+                          + 2 * m * M * n;           /* f, g histories      */
+    return doubles * (int64_t)sizeof(double) + ints * (int64_t)sizeof(int64_t) +
+           reals * elem_size;
+}
+
+/* Anderson's weights: solves the k x k system (row-major, overwritten) for
+ * the right-hand side in `weights` by Gaussian elimination with partial
+ * pivoting, then scales the solution to sum to 1. Returns 0, leaving garbage,
+ * when the system or the sum is degenerate. */
+static int affine_weights(int64_t k, double *system, double *weights)
+{
+    for (int64_t col = 0; col < k; ++col) {
+        int64_t pivot = col;
+        for (int64_t row = col + 1; row < k; ++row)
+            if (fabs(system[row * k + col]) > fabs(system[pivot * k + col]))
+                pivot = row;
+        if (!(fabs(system[pivot * k + col]) > 0.0))
+            return 0;
+        if (pivot != col) {
+            for (int64_t j = 0; j < k; ++j) {
+                double t = system[col * k + j];
+                system[col * k + j] = system[pivot * k + j];
+                system[pivot * k + j] = t;
+            }
+            double t = weights[col];
+            weights[col] = weights[pivot];
+            weights[pivot] = t;
+        }
+        for (int64_t row = col + 1; row < k; ++row) {
+            const double factor = system[row * k + col] / system[col * k + col];
+            for (int64_t j = col; j < k; ++j)
+                system[row * k + j] -= factor * system[col * k + j];
+            weights[row] -= factor * weights[col];
+        }
+    }
+    double sum = 0.0;
+    for (int64_t row = k - 1; row >= 0; --row) {
+        double acc = weights[row];
+        for (int64_t j = row + 1; j < k; ++j)
+            acc -= system[row * k + j] * weights[j];
+        weights[row] = acc / system[row * k + row];
+        sum += weights[row];
+    }
+    if (!(fabs(sum) > 1e-300) || !isfinite(sum))
+        return 0;
+    for (int64_t i = 0; i < k; ++i)
+        weights[i] /= sum;
+    return 1;
 }
 
 #define REAL float
 #define SUFFIX f32
+#include "activation.inc"
+#include "anderson.inc"
 #include "fixed_point.inc"
+#undef IDL_TRACK
 #undef REAL
 #undef SUFFIX
 
 #define REAL double
 #define SUFFIX f64
+#include "activation.inc"
+#include "anderson.inc"
 #include "fixed_point.inc"
+#undef IDL_TRACK
 #undef REAL
 #undef SUFFIX
