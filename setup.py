@@ -21,7 +21,10 @@ def flag(name):
 
 OPT = ["-O0", "-g"] if flag("IDL_DEBUG") else ["-O3"]
 SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"] if flag("IDL_SANITIZE") else []
-C_FLAGS = ["-std=c11", "-Wall", "-Wextra", "-fPIC", *OPT, *SANITIZE]
+# OpenMP parallelises the row passes of the solves; the extension then shares
+# the libgomp.so.1 that torch itself loads.
+OPENMP = ["-fopenmp"]
+C_FLAGS = ["-std=c11", "-Wall", "-Wextra", "-fPIC", *OPENMP, *OPT, *SANITIZE]
 CXX_FLAGS = ["-std=c++17", "-Wall", *OPT, *SANITIZE]
 
 
@@ -57,7 +60,7 @@ extension = CppExtension(
     sources=relative("csrc/*.cpp") + relative("csrc/cpu/*.c"),
     include_dirs=[os.path.join(HERE, "csrc")],
     extra_compile_args={"cxx": CXX_FLAGS},
-    extra_link_args=SANITIZE,
+    extra_link_args=[*OPENMP, *SANITIZE],
 )
 
 setup(

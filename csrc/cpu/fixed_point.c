@@ -8,6 +8,9 @@
 #include "../idl.h"
 #include "generic.h"
 
+/* Elements below which a pass over the working rows stays on one thread. */
+#define IDL_PARALLEL_MIN_WORK 32768
+
 static int64_t anderson_memory(idl_solver solver)
 {
     return solver.method == IDL_ANDERSON ? solver.memory : 0;
@@ -17,7 +20,7 @@ int64_t idl_solve_workspace_bytes(int64_t m, int64_t n, int64_t elem_size,
                                   idl_solver solver)
 {
     const int64_t M = anderson_memory(solver);
-    const int64_t doubles = m * M * M + m;           /* Gram, last residual */
+    const int64_t doubles = m * M * M + 2 * m;       /* Gram, residuals     */
     const int64_t ints = 3 * m;                      /* idx, count, next    */
     const int64_t reals = 3 * m * n                  /* xw, p, aux          */
                           + (M > 0 ? m * n : 0)      /* gxw                 */
