@@ -83,8 +83,9 @@ typedef struct {
  * every sample's residual ||g(x_k) - x_k||_inf is <= tol, g being the map of
  * the solve. IDL_ANDERSON mixes the last `memory` iterates of each sample
  * (1 <= memory <= IDL_ANDERSON_MAX_MEMORY) with a ridge of `regularization`
- * times the mean diagonal of their Gram matrix; where a step increases a
- * sample's residual, that sample falls back to a plain Picard step. */
+ * times the mean diagonal of their Gram matrix; where a step does not shrink
+ * a sample's residual, that sample falls back to a plain Picard step (for
+ * good after a few such fallbacks: see csrc/cpu/anderson.inc). */
 typedef enum { IDL_PICARD = 0, IDL_ANDERSON = 1 } idl_method;
 
 #define IDL_ANDERSON_MAX_MEMORY 16

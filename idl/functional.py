@@ -38,6 +38,7 @@ def check_kappa(kappa):
 METHODS = ("picard", "anderson")
 ANDERSON_MAX_MEMORY = 16  # IDL_ANDERSON_MAX_MEMORY in csrc/idl.h
 ANDERSON_REGULARIZATION = 1e-10  # kAndersonRegularization in csrc/ops.cpp
+ANDERSON_MAX_RESTARTS = 8  # IDL_ANDERSON_MAX_RESTARTS in csrc/cpu/fixed_point.c
 
 
 @dataclass(frozen=True)
@@ -116,8 +117,9 @@ class _Anderson:
     """Anderson mixing for the working rows of :func:`iterate_rows`, the torch
     twin of csrc/cpu/anderson.inc: per row, the last ``memory`` pairs
     (f = g(x) - x, g(x)) in slots 0..count-1, x <- Σ α_j g_j with α minimising
-    ||Σ α_j f_j|| subject to Σ α = 1, and a fresh start (one Picard step)
-    where a row's residual grew."""
+    ||Σ α_j f_j|| subject to Σ α = 1, a fresh start (one Picard step) where a
+    row's residual did not shrink, and plain iteration for a row after more than
+    ANDERSON_MAX_RESTARTS of those."""
 
     def __init__(self, rows, n, memory, like):
         self.memory = memory
@@ -126,15 +128,18 @@ class _Anderson:
         self.count = torch.zeros(rows, dtype=torch.long, device=like.device)
         self.next = torch.zeros_like(self.count)
         self.last = torch.full((rows,), math.inf, dtype=torch.float64, device=like.device)
+        self.restarts = torch.zeros_like(self.count)
 
     def keep(self, rows):
-        for name in ("F", "G", "count", "next", "last"):
+        for name in ("F", "G", "count", "next", "last", "restarts"):
             setattr(self, name, getattr(self, name)[rows])
 
     def step(self, x, gx, residual):
-        grew = residual > self.last
-        self.count[grew], self.next[grew] = 0, 0
-        self.last = residual.clone()
+        stalled = residual >= self.last
+        self.count[stalled], self.next[stalled] = 0, 0
+        self.restarts += stalled
+        plain = self.restarts > ANDERSON_MAX_RESTARTS
+        self.last = torch.where(plain, self.last, residual)
         at = torch.arange(len(x), device=x.device)
         self.F[at, self.next] = gx - x
         self.G[at, self.next] = gx
@@ -150,8 +155,8 @@ class _Anderson:
         y, info = torch.linalg.solve_ex(system, valid.double())
         alpha = y / y.sum(1, keepdim=True)
         mixed = torch.einsum("rm,rmn->rn", alpha.to(x.dtype), self.G)
-        usable = (self.count > 1) & (info == 0) & torch.isfinite(alpha).all(1)
-        failed = (self.count > 1) & ~usable
+        usable = (self.count > 1) & (info == 0) & torch.isfinite(alpha).all(1) & ~plain
+        failed = (self.count > 1) & ~usable & ~plain
         self.count[failed], self.next[failed], self.last[failed] = 0, 0, math.inf
         return torch.where(usable[:, None], mixed, gx)
 

@@ -10,6 +10,7 @@
 
 /* Elements below which a pass over the working rows stays on one thread. */
 #define IDL_PARALLEL_MIN_WORK 32768
+#define IDL_ANDERSON_MAX_RESTARTS 8
 
 static int64_t anderson_memory(idl_solver solver)
 {
@@ -21,7 +22,7 @@ int64_t idl_solve_workspace_bytes(int64_t m, int64_t n, int64_t elem_size,
 {
     const int64_t M = anderson_memory(solver);
     const int64_t doubles = m * M * M + 2 * m;       /* Gram, residuals     */
-    const int64_t ints = 3 * m;                      /* idx, count, next    */
+    const int64_t ints = 4 * m;          /* idx, count, next, restarts */
     const int64_t reals = 3 * m * n                  /* xw, p, aux          */
                           + (M > 0 ? m * n : 0)      /* gxw                 */
                           + 2 * m * M * n;           /* f, g histories      */
