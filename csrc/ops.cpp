@@ -5,12 +5,15 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "aten_matmul.h"
 #include "checks.h"
 #include "idl.h"
 
 namespace {
 
 using namespace idl_checks;
+using idl_glue::matmul_by_factor;
+using idl_glue::RightFactor;
 
 // ---- the C kernels by element type ------------------------------------------
 
@@ -40,21 +43,6 @@ at::Tensor stats_tensor(const idl_stats& s) {
     p[1] = s.residual;
     p[2] = s.converged ? 1.0 : 0.0;
     return out;
-}
-
-// ---- GEMM for the solver loop: out = left · M through ATen ------------------
-
-struct RightFactor {
-    at::Tensor matrix;  // n x n, possibly a transposed view
-};
-
-void matmul_by_factor(void* ctx, int64_t rows, const void* left, void* out) {
-    const auto& m = static_cast<RightFactor*>(ctx)->matrix;
-    const int64_t n = m.size(0);
-    auto opts = m.options();
-    auto left_t = at::from_blob(const_cast<void*>(left), {rows, n}, opts);
-    auto out_t = at::from_blob(out, {rows, n}, opts);
-    at::mm_out(out_t, left_t, m);
 }
 
 at::Tensor workspace_for(int64_t m, int64_t n, const at::Tensor& like) {
