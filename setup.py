@@ -1,22 +1,35 @@
 """Build idl's compiled core: one torch extension, idl._C, from csrc/.
 
 The C kernels (csrc/cpu/*.c) are compiled as C11 with C flags; the C++ glue
-(csrc/ops.cpp) with torch's C++ flags. Environment overrides:
+(csrc/*.cpp) with torch's C++ flags. When the installed torch has CUDA
+(torch.version.cuda) and nvcc is found (CUDA_HOME, or nvcc on PATH), the CUDA
+kernels (csrc/cuda/*.cu, with nvcc) and their glue (csrc/cuda/*.cpp) join the
+same extension. Environment overrides:
 
+    IDL_CUDA=1       build the CUDA kernels, or fail saying why not
+    IDL_CUDA=0       CPU only, even where CUDA is available
+    TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX"   GPU architectures, as for torch
+                     (default here: sm_80 and sm_90, plus compute_90 PTX)
     IDL_DEBUG=1      -O0 -g
-    IDL_SANITIZE=1   AddressSanitizer + UndefinedBehaviorSanitizer
+    IDL_SANITIZE=1   AddressSanitizer + UndefinedBehaviorSanitizer (host code)
 """
 import glob
 import os
+import sys
 
+import torch
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+ON = ("1", "true", "yes", "on")
+OFF = ("0", "false", "no", "off")
+
+
 def flag(name):
-    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+    return os.environ.get(name, "0").lower() in ON
 
 
 OPT = ["-O0", "-g"] if flag("IDL_DEBUG") else ["-O3"]
@@ -26,11 +39,56 @@ SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"] if flag("
 OPENMP = ["-fopenmp"]
 C_FLAGS = ["-std=c11", "-Wall", "-Wextra", "-fPIC", *OPENMP, *OPT, *SANITIZE]
 CXX_FLAGS = ["-std=c++17", "-Wall", *OPT, *SANITIZE]
+# torch adds its own -gencode flags (from TORCH_CUDA_ARCH_LIST, else the local
+# GPUs) only when none are given, so these defaults step aside for the variable.
+DEFAULT_ARCHS = [
+    "-gencode=arch=compute_80,code=sm_80",
+    "-gencode=arch=compute_90,code=sm_90",
+    "-gencode=arch=compute_90,code=compute_90",
+]
+ARCHS = [] if os.environ.get("TORCH_CUDA_ARCH_LIST") else DEFAULT_ARCHS
+NVCC_FLAGS = ["-std=c++17", *(["-O0", "-g", "-lineinfo"] if flag("IDL_DEBUG") else ["-O3"]), *ARCHS]
+
+
+def nvcc_path():
+    return os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
+
+
+def cuda_unavailable():
+    """Why the CUDA kernels cannot be built here, or None if they can."""
+    if torch.version.cuda is None:
+        return (
+            f"the installed torch {torch.__version__} has no CUDA (torch.version.cuda is "
+            "None): install a CUDA build of torch"
+        )
+    if not (nvcc_path() and os.path.exists(nvcc_path())):
+        return (
+            f"nvcc was not found (CUDA_HOME={CUDA_HOME}): install the CUDA toolkit "
+            f"{torch.version.cuda} and set CUDA_HOME or put nvcc on PATH"
+        )
+    return None
+
+
+def build_cuda():
+    """Whether to build the CUDA kernels: IDL_CUDA=1/0 forces, else when possible."""
+    choice = os.environ.get("IDL_CUDA", "").strip().lower()
+    if choice in OFF:
+        return False
+    why_not = cuda_unavailable()
+    if choice in ON:
+        if why_not:
+            sys.exit(f"error: IDL_CUDA={choice} asks for the CUDA kernels, but {why_not}; "
+                     "or unset IDL_CUDA to build for CPU only")
+        return True
+    if choice not in ("", "auto"):
+        sys.exit(f"error: IDL_CUDA must be 1 (on), 0 (off) or unset (auto), got {choice!r}")
+    return why_not is None
 
 
 class BuildWithCSources(BuildExtension):
-    """torch's BuildExtension compiles every source with the C++ flags; this
-    sends the .c files to the compiler with C flags instead."""
+    """torch's BuildExtension compiles every source with the C++ flags (and the
+    .cu files with nvcc); this sends the .c files to the compiler with C flags
+    instead."""
 
     def build_extensions(self):
         self._compile_plain = self.compiler._compile
@@ -55,13 +113,19 @@ def relative(pattern):
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
 
 
-extension = CppExtension(
-    name="idl._C",
-    sources=relative("csrc/*.cpp") + relative("csrc/cpu/*.c"),
-    include_dirs=[os.path.join(HERE, "csrc")],
-    extra_compile_args={"cxx": CXX_FLAGS},
-    extra_link_args=[*OPENMP, *SANITIZE],
+SOURCES = relative("csrc/*.cpp") + relative("csrc/cpu/*.c")
+COMMON = dict(
+    name="idl._C", include_dirs=[os.path.join(HERE, "csrc")], extra_link_args=[*OPENMP, *SANITIZE]
 )
+
+if build_cuda():
+    extension = CUDAExtension(
+        sources=SOURCES + relative("csrc/cuda/*.cu") + relative("csrc/cuda/*.cpp"),
+        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
+        **COMMON,
+    )
+else:
+    extension = CppExtension(sources=SOURCES, extra_compile_args={"cxx": CXX_FLAGS}, **COMMON)
 
 setup(
     ext_modules=[extension],

@@ -1,0 +1,199 @@
+"""GPU benchmarks of idl's CUDA kernels (not a test).
+
+1. Training step: idl.ImplicitModel against torchidl.ImplicitModel, same sizes,
+   same initial parameters, same solver settings: median time of forward +
+   backward + optimizer step, and the solves' iteration counts.
+2. Forward solve against its GEMM bound: a Picard solve costs at least
+   `iterations` products X·Aᵀ, so iterations × (time of one full-batch GEMM) is
+   what a solver that does nothing but GEMMs would take. The ratio shows the
+   cost of everything else (the fused step kernel, the convergence checks);
+   per-sample freezing can take it below 1 when samples finish at different
+   iterations.
+
+Times are CUDA-event medians over --reps runs after --warmup runs. Usage:
+
+    python benchmarks/bench_cuda.py                       # both, on cuda
+    python benchmarks/bench_cuda.py --only bound --hidden 4096 --batch 4096
+    python benchmarks/bench_cuda.py --torchidl-path /path/holding/torchidl
+    python benchmarks/bench_cuda.py --device cpu --hidden 64 --batch 64   # smoke run
+
+IDL_CUDA_CHECK_EVERY (default 8) sets how often the CUDA solves look at their
+convergence counters; --check-every runs the bound benchmark for several values.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import idl
+
+
+def median_ms(fn, device, warmup, reps):
+    """Median wall time of fn() in milliseconds: CUDA events on a GPU, the
+    host clock on CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(reps):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+# ---- 1. training step ----------------------------------------------------------
+
+
+def import_torchidl(path):
+    if path:
+        sys.path.insert(0, path)
+    try:
+        import torchidl
+    except ImportError as error:
+        return None, str(error)
+    return torchidl, None
+
+
+def copy_parameters(source, target):
+    """Give `target` (idl) the parameters of `source` (torchidl)."""
+    with torch.no_grad():
+        for name in ("A", "B", "C", "D"):
+            getattr(target, name).copy_(getattr(source, name))
+
+
+def training_step(model, U, labels, optimizer):
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(U), labels)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def bench_training(args, device, dtype):
+    torch.manual_seed(0)
+    U = torch.randn(args.batch, args.input, device=device, dtype=dtype)
+    labels = torch.randint(0, args.output, (args.batch,), device=device)
+    settings = dict(mitr=args.max_iter, grad_mitr=args.max_iter, tol=args.tol, grad_tol=args.tol,
+                    kappa=args.kappa)
+    torchidl, why_not = import_torchidl(args.torchidl_path)
+    reference = None
+    if torchidl is not None:
+        reference = torchidl.ImplicitModel(args.input, args.output, args.hidden, **settings)
+        reference.to(device=device, dtype=dtype)
+    print(f"\n== training step: batch {args.batch}, input {args.input}, hidden {args.hidden}, "
+          f"output {args.output}, {dtype}, tol {args.tol}, kappa {args.kappa}")
+    rows = []
+    for projection in ("exact", "scale"):
+        model = idl.ImplicitModel(args.input, args.output, args.hidden, projection=projection,
+                                  **settings).to(device=device, dtype=dtype)
+        if reference is not None:
+            copy_parameters(reference, model)
+        step = training_step(model, U, labels, torch.optim.SGD(model.parameters(), lr=1e-3))
+        ms = median_ms(step, device, args.warmup, args.reps)
+        stats = model.last_stats
+        rows.append((f"idl ({projection})", ms, stats.forward["iterations"],
+                     stats.backward["iterations"]))
+    if reference is not None:
+        step = training_step(reference, U, labels, torch.optim.SGD(reference.parameters(), lr=1e-3))
+        rows.append(("torchidl", median_ms(step, device, args.warmup, args.reps), "-", "-"))
+    else:
+        print(f"   torchidl not importable ({why_not}); pass --torchidl-path")
+    print(f"   {'model':<14} {'ms/step':>10} {'fwd iters':>10} {'bwd iters':>10}")
+    for name, ms, forward, backward in rows:
+        print(f"   {name:<14} {ms:>10.3f} {forward!s:>10} {backward!s:>10}")
+    if reference is not None:
+        print(f"   speed-up of idl (scale) over torchidl: {rows[2][1] / rows[1][1]:.2f}x")
+
+
+# ---- 2. forward solve against the GEMM bound ----------------------------------------
+
+
+def bound_problem(args, device, dtype):
+    generator = torch.Generator().manual_seed(0)
+    A = torch.randn(args.bound_hidden, args.bound_hidden, generator=generator, dtype=torch.float64)
+    A = idl.project_linf(A, args.kappa).to(device=device, dtype=dtype)
+    C0 = torch.randn(args.bound_batch, args.bound_hidden, generator=generator, dtype=torch.float64)
+    return A, C0.to(device=device, dtype=dtype)
+
+
+def bench_bound(args, device, dtype):
+    A, C0 = bound_problem(args, device, dtype)
+    ops = torch.ops.idl
+    solve_args = (args.activation, 0.01, args.max_iter, args.tol, args.max_iter, args.tol)
+    product = torch.empty_like(C0)
+    At = A.t()
+    gemm_ms = median_ms(lambda: torch.mm(C0, At, out=product), device, args.warmup, args.reps)
+    flops = 2.0 * args.bound_batch * args.bound_hidden**2
+    print(f"\n== forward solve vs GEMM bound: batch {args.bound_batch}, hidden {args.bound_hidden}, "
+          f"{dtype}, {args.activation}, tol {args.tol}, kappa {args.kappa}")
+    print(f"   one X·Aᵀ: {gemm_ms:.3f} ms ({flops / gemm_ms / 1e9:.1f} TFLOP/s)")
+    print(f"   {'check_every':>11} {'iters':>6} {'solve ms':>10} {'bound ms':>10} {'solve/bound':>12}")
+    previous = os.environ.get("IDL_CUDA_CHECK_EVERY")
+    try:
+        for every in args.check_every:
+            os.environ["IDL_CUDA_CHECK_EVERY"] = str(every)
+            solve_ms = median_ms(lambda: ops.fixed_point(A, C0, None, *solve_args), device,
+                                 args.warmup, args.reps)
+            iterations, residual, converged = ops.fixed_point(A, C0, None, *solve_args)[2].tolist()
+            bound_ms = iterations * gemm_ms
+            note = "" if converged else f"  (not converged, residual {residual:.2e})"
+            print(f"   {every:>11} {int(iterations):>6} {solve_ms:>10.3f} {bound_ms:>10.3f} "
+                  f"{solve_ms / bound_ms:>12.3f}{note}")
+    finally:
+        if previous is None:
+            os.environ.pop("IDL_CUDA_CHECK_EVERY", None)
+        else:
+            os.environ["IDL_CUDA_CHECK_EVERY"] = previous
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=("training", "bound"))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--batch", type=int, default=1024, help="training batch")
+    parser.add_argument("--input", type=int, default=784)
+    parser.add_argument("--hidden", type=int, default=1024, help="training hidden size")
+    parser.add_argument("--output", type=int, default=10)
+    parser.add_argument("--bound-batch", type=int, default=4096)
+    parser.add_argument("--bound-hidden", type=int, default=4096)
+    parser.add_argument("--activation", default="relu", choices=idl.ACTIVATIONS)
+    parser.add_argument("--kappa", type=float, default=0.9)
+    parser.add_argument("--tol", type=float, default=3e-6)
+    parser.add_argument("--max-iter", type=int, default=300)
+    parser.add_argument("--check-every", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--torchidl-path", help="directory to add to sys.path for torchidl")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device: these benchmarks are for a GPU (--device cpu for a smoke run)")
+    dtype = getattr(torch, args.dtype)
+    print(f"torch {torch.__version__}, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    if args.only in (None, "training"):
+        bench_training(args, device, dtype)
+    if args.only in (None, "bound"):
+        bench_bound(args, device, dtype)
+
+
+if __name__ == "__main__":
+    main()

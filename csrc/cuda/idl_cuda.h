@@ -1,0 +1,111 @@
+/*
+ * idl_cuda.h: the C API of idl's CUDA kernels.
+ *
+ * The CUDA twin of idl.h, whose types it reuses (idl_act, idl_projection,
+ * idl_matmul, idl_solver). Every pointer is device memory unless said otherwise;
+ * every function enqueues its work on `stream` and returns the first CUDA error
+ * it met (cudaSuccess otherwise). Nothing here knows torch: csrc/cuda/ops_cuda.cpp
+ * checks tensors and calls these functions on torch's current stream.
+ *
+ * Layout as in idl.h: batch-first, row-major, row i of X at X + i * n.
+ */
+#ifndef IDL_CUDA_H
+#define IDL_CUDA_H
+
+#include <stdint.h>
+
+#include <cuda_runtime_api.h>
+
+#include "../idl.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- projection onto {A : ||A||_inf <= kappa} --------------------------- */
+
+/* Device workspace of a projection (or its backward) of a rows x cols matrix. */
+int64_t idl_cuda_project_workspace_bytes(int64_t rows);
+
+/* out (rows x cols, contiguous) = projection of a (row stride lda), as
+ * idl_project_linf_*. */
+cudaError_t idl_cuda_project_linf_f32(idl_projection mode, int64_t rows,
+                                      int64_t cols, const float *a,
+                                      int64_t lda, double kappa, float *out,
+                                      void *workspace, cudaStream_t stream);
+cudaError_t idl_cuda_project_linf_f64(idl_projection mode, int64_t rows,
+                                      int64_t cols, const double *a,
+                                      int64_t lda, double kappa, double *out,
+                                      void *workspace, cudaStream_t stream);
+
+/* grad_a (contiguous) = J(a)^T grad (grad contiguous), as
+ * idl_project_linf_backward_*. */
+cudaError_t idl_cuda_project_linf_backward_f32(
+    idl_projection mode, int64_t rows, int64_t cols, const float *a,
+    int64_t lda, double kappa, const float *grad, float *grad_a,
+    void *workspace, cudaStream_t stream);
+cudaError_t idl_cuda_project_linf_backward_f64(
+    idl_projection mode, int64_t rows, int64_t cols, const double *a,
+    int64_t lda, double kappa, const double *grad, double *grad_a,
+    void *workspace, cudaStream_t stream);
+
+/* ---- fixed-point solves --------------------------------------------------- */
+
+/*
+ * The solves of idl.h on the device, same algorithm and same stopping rule: a
+ * sample stops iterating once its own residual ||x_{k+1} - x_k||_inf is <= tol,
+ * or the solve stops at solver.max_iter, or as soon as an iterate is NaN or Inf.
+ *
+ * `matmul` multiplies `rows` rows of device memory by the solve's fixed n x n
+ * matrix and must enqueue its work on `stream` (the glue calls ATen's GEMM on
+ * torch's current stream, which is `stream`).
+ *
+ * The decisions stay on the device: a finished sample's row is frozen at once
+ * (later passes skip it), and the host looks at a few counters only every
+ * `check_every` iterations (one small copy and a stream synchronisation). At
+ * such a check the rows still moving are packed together, so finished samples
+ * leave the GEMM too. Up to check_every - 1 passes may run after the last
+ * sample finished; they change nothing, and stats still count the passes the
+ * solve needed.
+ *
+ * `stats` (3 doubles, device) receives [iterations, residual, converged] with
+ * the meaning of idl_stats.
+ */
+
+/* Device workspace of a solve of m samples of width n. */
+int64_t idl_cuda_solve_workspace_bytes(int64_t m, int64_t n,
+                                       int64_t elem_size);
+
+/* Forward: X = φ(X Aᵀ + C0) from X0 (NULL: zeros); `matmul_at` multiplies by
+ * Aᵀ. Writes X and Z = X Aᵀ + C0 at the returned X. */
+cudaError_t idl_cuda_fixed_point_f32(int64_t m, int64_t n,
+                                     idl_matmul matmul_at, const float *c0,
+                                     const float *x0, idl_act act,
+                                     idl_solver solver, int64_t check_every,
+                                     float *x, float *z, double *stats,
+                                     void *workspace, cudaStream_t stream);
+cudaError_t idl_cuda_fixed_point_f64(int64_t m, int64_t n,
+                                     idl_matmul matmul_at, const double *c0,
+                                     const double *x0, idl_act act,
+                                     idl_solver solver, int64_t check_every,
+                                     double *x, double *z, double *stats,
+                                     void *workspace, cudaStream_t stream);
+
+/* Adjoint: V = φ'(Z) ⊙ (V A + G) from V = 0; `matmul_a` multiplies by A. */
+cudaError_t idl_cuda_adjoint_f32(int64_t m, int64_t n, idl_matmul matmul_a,
+                                 const float *z, const float *g, idl_act act,
+                                 idl_solver solver, int64_t check_every, float *v,
+                                 double *stats, void *workspace,
+                                 cudaStream_t stream);
+cudaError_t idl_cuda_adjoint_f64(int64_t m, int64_t n, idl_matmul matmul_a,
+                                 const double *z, const double *g,
+                                 idl_act act, idl_solver solver,
+                                 int64_t check_every, double *v,
+                                 double *stats, void *workspace,
+                                 cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* IDL_CUDA_H */

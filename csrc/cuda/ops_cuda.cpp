@@ -1,0 +1,210 @@
+// ops_cuda.cpp: the CUDA implementations of the idl:: ops (schemas in
+// csrc/ops.cpp). Same checks as on CPU (csrc/checks.h), then a call to the CUDA
+// kernels of csrc/cuda (declared in idl_cuda.h) on torch's current stream. No
+// numerics live here.
+//
+// Under autocast (torch.autocast("cuda")) the solves run in float32: their
+// float16/bfloat16 inputs are cast up (float64 ones are left alone, as autocast
+// does), and the result is float32.
+//
+// The solves look at their convergence counters every IDL_CUDA_CHECK_EVERY
+// iterations (environment variable, read at each call; default 8): smaller
+// means fewer wasted passes after convergence, larger fewer host syncs.
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+
+#include "../aten_matmul.h"
+#include "../checks.h"
+#include "idl_cuda.h"
+
+namespace {
+
+using namespace idl_checks;
+using idl_glue::matmul_by_factor;
+using idl_glue::RightFactor;
+
+constexpr int64_t kDefaultCheckEvery = 8;
+
+// ---- the CUDA kernels by element type --------------------------------------------
+
+template <typename T>
+struct CudaKernels;
+
+template <>
+struct CudaKernels<float> {
+    static constexpr auto project = idl_cuda_project_linf_f32;
+    static constexpr auto project_backward = idl_cuda_project_linf_backward_f32;
+    static constexpr auto fixed_point = idl_cuda_fixed_point_f32;
+    static constexpr auto adjoint = idl_cuda_adjoint_f32;
+};
+
+template <>
+struct CudaKernels<double> {
+    static constexpr auto project = idl_cuda_project_linf_f64;
+    static constexpr auto project_backward = idl_cuda_project_linf_backward_f64;
+    static constexpr auto fixed_point = idl_cuda_fixed_point_f64;
+    static constexpr auto adjoint = idl_cuda_adjoint_f64;
+};
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+at::Tensor bytes_like(int64_t bytes, const at::Tensor& like) {
+    return at::empty({bytes}, like.options().dtype(at::kByte));
+}
+
+int64_t check_every() {
+    const char* text = std::getenv("IDL_CUDA_CHECK_EVERY");
+    if (text == nullptr || *text == '\0') return kDefaultCheckEvery;
+    char* end = nullptr;
+    const long long value = std::strtoll(text, &end, 10);
+    TORCH_CHECK_VALUE(*end == '\0' && value >= 1,
+                      "idl: IDL_CUDA_CHECK_EVERY must be an integer >= 1, got '", text, "'");
+    return value;
+}
+
+// ---- CUDA implementations ------------------------------------------------------
+
+at::Tensor project_linf_cuda(const at::Tensor& A, double kappa, c10::string_view mode) {
+    const auto how = check_project_args(A, kappa, mode);
+    const c10::cuda::CUDAGuard guard(A.device());
+    auto a = A.contiguous();
+    auto out = at::empty_like(a);
+    auto work = bytes_like(idl_cuda_project_workspace_bytes(a.size(0)), a);
+    AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "idl::project_linf", [&] {
+        C10_CUDA_CHECK(CudaKernels<scalar_t>::project(
+            how, a.size(0), a.size(1), a.const_data_ptr<scalar_t>(), a.stride(0), kappa,
+            out.data_ptr<scalar_t>(), work.data_ptr(), current_stream()));
+    });
+    return out;
+}
+
+at::Tensor project_linf_backward_cuda(const at::Tensor& grad, const at::Tensor& A, double kappa,
+                                      c10::string_view mode) {
+    const auto how = check_project_backward_args(grad, A, kappa, mode);
+    const c10::cuda::CUDAGuard guard(A.device());
+    auto a = A.contiguous();
+    auto g = grad.contiguous();
+    auto out = at::empty_like(a);
+    auto work = bytes_like(idl_cuda_project_workspace_bytes(a.size(0)), a);
+    AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "idl::project_linf_backward", [&] {
+        C10_CUDA_CHECK(CudaKernels<scalar_t>::project_backward(
+            how, a.size(0), a.size(1), a.const_data_ptr<scalar_t>(), a.stride(0), kappa,
+            g.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), work.data_ptr(),
+            current_stream()));
+    });
+    return out;
+}
+
+// The CUDA solves iterate by Picard; Anderson runs on the CPU only, for now.
+void check_picard(const idl_solver& solver) {
+    TORCH_CHECK_NOT_IMPLEMENTED(solver.method == IDL_PICARD,
+                                "idl: solver='anderson' is not implemented on CUDA yet; "
+                                "use solver='picard' there");
+}
+
+// Forward solve. grad_max_iter and grad_tol are only checked (see checks.h).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_point_cuda(
+    const at::Tensor& A, const at::Tensor& C0, const c10::optional<at::Tensor>& X0,
+    c10::string_view activation, double slope, int64_t max_iter, double tol,
+    int64_t grad_max_iter, double grad_tol, c10::string_view method, int64_t memory) {
+    const auto args = check_fixed_point_args(A, C0, X0, activation, slope, max_iter, tol,
+                                             grad_max_iter, grad_tol, method, memory);
+    check_picard(args.solver);
+    const c10::cuda::CUDAGuard guard(C0.device());
+    auto c0 = C0.contiguous();
+    auto x0 = X0.has_value() ? X0->contiguous() : at::Tensor();  // undefined: start at 0
+    const int64_t m = c0.size(0), n = c0.size(1);
+    auto x = at::empty_like(c0);
+    auto z = at::empty_like(c0);
+    auto stats = at::empty({3}, c0.options().dtype(at::kDouble));
+    auto work = bytes_like(idl_cuda_solve_workspace_bytes(m, n, c0.element_size()), c0);
+    RightFactor at_factor{A.contiguous().t()};
+    idl_matmul mm{matmul_by_factor, &at_factor};
+    AT_DISPATCH_FLOATING_TYPES(c0.scalar_type(), "idl::fixed_point", [&] {
+        C10_CUDA_CHECK(CudaKernels<scalar_t>::fixed_point(
+            m, n, mm, c0.const_data_ptr<scalar_t>(),
+            x0.defined() ? x0.const_data_ptr<scalar_t>() : nullptr, args.act, args.solver,
+            check_every(), x.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
+            stats.data_ptr<double>(), work.data_ptr(), current_stream()));
+    });
+    return {x, z, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> fixed_point_adjoint_cuda(const at::Tensor& A,
+                                                            const at::Tensor& Z,
+                                                            const at::Tensor& G,
+                                                            c10::string_view activation,
+                                                            double slope, int64_t max_iter,
+                                                            double tol, c10::string_view method,
+                                                            int64_t memory) {
+    const auto args = check_adjoint_args(A, Z, G, activation, slope, max_iter, tol, method, memory);
+    check_picard(args.solver);
+    const c10::cuda::CUDAGuard guard(Z.device());
+    auto z = Z.contiguous();
+    auto g = G.contiguous();
+    const int64_t m = z.size(0), n = z.size(1);
+    auto v = at::empty_like(z);
+    auto stats = at::empty({3}, z.options().dtype(at::kDouble));
+    auto work = bytes_like(idl_cuda_solve_workspace_bytes(m, n, z.element_size()), z);
+    RightFactor a_factor{A.contiguous()};
+    idl_matmul mm{matmul_by_factor, &a_factor};
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "idl::fixed_point_adjoint", [&] {
+        C10_CUDA_CHECK(CudaKernels<scalar_t>::adjoint(
+            m, n, mm, z.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(), args.act,
+            args.solver, check_every(), v.data_ptr<scalar_t>(), stats.data_ptr<double>(),
+            work.data_ptr(), current_stream()));
+    });
+    return {v, stats};
+}
+
+// ---- autocast: the solves in float32 ------------------------------------------------
+
+template <typename T>
+T to_float(const T& arg) {
+    return at::autocast::cached_cast(at::kFloat, arg, c10::DeviceType::CUDA);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_point_autocast(
+    const at::Tensor& A, const at::Tensor& C0, const c10::optional<at::Tensor>& X0,
+    c10::string_view activation, double slope, int64_t max_iter, double tol,
+    int64_t grad_max_iter, double grad_tol, c10::string_view method, int64_t memory) {
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("idl::fixed_point", "")
+                               .typed<decltype(fixed_point_cuda)>();
+    return op.call(to_float(A), to_float(C0), to_float(X0), activation, slope, max_iter, tol,
+                   grad_max_iter, grad_tol, method, memory);
+}
+
+std::tuple<at::Tensor, at::Tensor> fixed_point_adjoint_autocast(
+    const at::Tensor& A, const at::Tensor& Z, const at::Tensor& G, c10::string_view activation,
+    double slope, int64_t max_iter, double tol, c10::string_view method, int64_t memory) {
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("idl::fixed_point_adjoint", "")
+                               .typed<decltype(fixed_point_adjoint_cuda)>();
+    return op.call(to_float(A), to_float(Z), to_float(G), activation, slope, max_iter, tol, method,
+                   memory);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(idl, CUDA, m) {
+    m.impl("project_linf", &project_linf_cuda);
+    m.impl("project_linf_backward", &project_linf_backward_cuda);
+    m.impl("fixed_point", &fixed_point_cuda);
+    m.impl("fixed_point_adjoint", &fixed_point_adjoint_cuda);
+}
+
+TORCH_LIBRARY_IMPL(idl, AutocastCUDA, m) {
+    m.impl("fixed_point", &fixed_point_autocast);
+    m.impl("fixed_point_adjoint", &fixed_point_adjoint_autocast);
+}
