@@ -32,6 +32,7 @@ from .implicit import ImplicitFunctionInf, SolveStats, _check_like, _check_posit
 from .rnn import merge_stats
 
 ATTENTIONS = ("softmax", "lipschitz")
+FEEDBACKS = ("values", "full")
 SOLVERS = ("picard", "anderson")
 
 # The Lipschitz variant divides by (LIPSCHITZ_OFFSET + row sum of weights): the
@@ -142,7 +143,8 @@ def _solve_rows(fn, start, solver, max_iter, tol):
 
 class _AttentionFixedPoint(torch.autograd.Function):
     """X (batch, T, 4·hs) solving X = Φ(X Aᵀ + C0), differentiable in A and C0
-    by implicit differentiation."""
+    by implicit differentiation, and the forward solve's stats tensor. The
+    backward reports its own solve to ``sink``."""
 
     @staticmethod
     def forward(ctx, A, C0, phi, solver, options, sink):
@@ -153,15 +155,15 @@ class _AttentionFixedPoint(torch.autograd.Function):
             return phi(X.view(len(rows), T, width) @ A.t() + C0[rows]).flatten(1)
 
         X, stats = _solve_rows(step, C0.new_zeros(batch, T * width), solver, options.max_iter, options.tol)
-        report_solve(stats, "forward", options.on_nonconvergence, sink)
         X = X.view(batch, T, width)
         ctx.save_for_backward(A, C0, X)
         ctx.phi, ctx.solver, ctx.options, ctx.sink = phi, solver, options, sink
-        return X
+        ctx.mark_non_differentiable(stats)
+        return X, stats
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_X):
+    def backward(ctx, grad_X, _grad_stats):
         """With F(X, A, C0) = Φ(X Aᵀ + C0) and G = dL/dX*, solve the adjoint
         W = G + (∂F/∂X)ᵀ W, then dL/dA = (∂F/∂A)ᵀ W and dL/dC0 = (∂F/∂C0)ᵀ W."""
         A, C0, X = (t.detach() for t in ctx.saved_tensors)
@@ -200,24 +202,33 @@ class ImplicitAttentionHead(nn.Module):
     divided by 0.25 + their row sum, applied to v / √(1 + v²).
 
     Convergence. A is projected onto {||A||_inf <= kappa} before every solve
-    (as ImplicitFunctionInf does). Write A = [A_kqv | A_out] by columns. When
-    A_out = 0, k, q, v solve a linear system whose Picard map is a contraction
-    (||A_kqv||_inf <= kappa < 1), and out follows: the solve always converges.
-    When the attention output feeds back (A_out ≠ 0) the map is a contraction
-    if max_i(||row i of A_kqv||₁ + L ||row i of A_out||₁) < 1, L being the
-    Lipschitz constant of attention on the iterates. Both variants are
-    1-Lipschitz in v (rows of weights sum to at most 1); softmax's slope in q
-    and k grows with |k| and |v| and has no global bound, the Lipschitz
-    variant's is bounded, so it converges more robustly. A small A (the
-    initialisation: ||A||_inf about 0.4), a smaller kappa, or
-    ``solver="anderson"`` help; every solve stops after mitr (grad_mitr)
-    iterations and then warns or raises.
+    (as ImplicitFunctionInf does), so the linear part of the map contracts;
+    what can break convergence is attention's sensitivity to q and k, which
+    for softmax has no global bound. ``feedback`` chooses how the state feeds
+    back:
+
+    - ``"values"`` (default): k and q read only k and q (A's k, q rows are 0
+      in the v and out columns); v reads everything. The solve always
+      converges: k, q solve a linear system whose Picard map contracts at rate
+      kappa, and with k, q fixed both attentions are 1-Lipschitz in v (each
+      row of weights sums to at most 1; v / √(1 + v²) is 1-Lipschitz), so the
+      (v, out) map contracts at rate kappa too.
+    - ``"full"``: every part reads every part. Converges when
+      max_i(||row i of A_kqv||₁ + L ||row i of A_out||₁) < 1, L being the
+      Lipschitz constant of attention on the iterates: true for small A (the
+      initialisation has ||A||_inf about 0.4), more robustly for the
+      Lipschitz variant (its slope in q, k is bounded) than for softmax,
+      which may oscillate. ``solver="anderson"`` or a smaller kappa help.
+
+    Every solve stops after mitr (grad_mitr) iterations and then warns or
+    raises, so it never hangs.
 
     Args:
         n_embd: features per token of the input.
         head_size: hs, size of each of k, q, v and the output.
         block_size: the longest sequence accepted (the causal mask's size).
         attention: ``"softmax"`` or ``"lipschitz"``.
+        feedback: ``"values"`` (default) or ``"full"``, see Convergence.
         bias: add a learnt bias b (3·hs) to the pre-activations.
         kappa: radius of the inf-norm ball A is projected onto, in (0, 1].
         is_low_rank, rank: A = L Rᵀ, L (3·hs, rank), R (4·hs, rank), each
@@ -244,6 +255,7 @@ class ImplicitAttentionHead(nn.Module):
         head_size: int,
         block_size: int,
         attention: str = "softmax",
+        feedback: str = "values",
         bias: bool = False,
         kappa: float = 0.99,
         is_low_rank: bool = False,
@@ -262,6 +274,8 @@ class ImplicitAttentionHead(nn.Module):
         _check_positive_int("block_size", block_size)
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        if feedback not in FEEDBACKS:
+            raise ValueError(f"feedback must be one of {FEEDBACKS}, got {feedback!r}")
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         F.check_kappa(kappa)
@@ -276,17 +290,24 @@ class ImplicitAttentionHead(nn.Module):
                 raise ValueError(f"rank must be <= 3 * head_size = {rows}, got {rank}")
         self.options = F.SolverOptions(mitr, tol, grad_mitr, grad_tol, on_nonconvergence)
         self.n_embd, self.head_size, self.block_size = n_embd, head_size, block_size
-        self.attention, self.solver, self.bias = attention, solver, bias
+        self.attention, self.feedback, self.solver, self.bias = attention, feedback, solver, bias
         self.kappa, self.projection = float(kappa), projection
         self.is_low_rank, self.rank = is_low_rank, rank
 
+        # Where A may be non-zero (None: everywhere).
+        mask = None
+        if feedback == "values":
+            mask = torch.ones(rows, width, dtype=torch.bool)
+            mask[: 2 * head_size, 2 * head_size :] = False
+        self.register_buffer("feedback_mask", mask, persistent=False)
         # A starts small (||A||_inf about 0.4), so the head starts close to an
         # explicit one; B as nn.Linear would initialise the k, q, v weights.
         if is_low_rank:
             self.L = nn.Parameter(torch.randn(rows, rank) * (0.5 / math.sqrt(rank)))
             self.R = nn.Parameter(torch.randn(width, rank) * (0.5 / width))
         else:
-            self.A = nn.Parameter(torch.randn(rows, width) * (0.5 / width))
+            A = torch.randn(rows, width) * (0.5 / width)
+            self.A = nn.Parameter(A if mask is None else A.masked_fill(~mask, 0.0))
         bound = 1.0 / math.sqrt(n_embd)
         self.B = nn.Parameter(torch.empty(rows, n_embd).uniform_(-bound, bound))
         if bias:
@@ -297,10 +318,16 @@ class ImplicitAttentionHead(nn.Module):
         self.last_stats: Optional[SolveStats] = None
 
     def effective_A(self) -> torch.Tensor:
-        """The well-posed A (3·hs, 4·hs) the solves use (differentiable)."""
+        """The well-posed A (3·hs, 4·hs) the solves use (differentiable):
+        projected, and zero where ``feedback`` forbids (masking the full A
+        before projecting spends the row budget on the allowed entries only;
+        masking L Rᵀ after can only shrink its rows)."""
+        mask = self.feedback_mask
         if self.is_low_rank:
-            return ImplicitFunctionInf.well_posed_low_rank(self.L, self.R, self.kappa, self.projection)
-        return ImplicitFunctionInf.well_posed(self.A, self.kappa, self.projection)
+            A = ImplicitFunctionInf.well_posed_low_rank(self.L, self.R, self.kappa, self.projection)
+            return A if mask is None else A.masked_fill(~mask, 0.0)
+        A = self.A if mask is None else self.A.masked_fill(~mask, 0.0)
+        return ImplicitFunctionInf.well_posed(A, self.kappa, self.projection)
 
     def activation(self, T: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """Φ for sequences of length T (pre-activations (..., T, 3·hs) to
@@ -330,7 +357,9 @@ class ImplicitAttentionHead(nn.Module):
 
         self.last_stats = stats
         phi = self.activation(x.shape[1])
-        return _AttentionFixedPoint.apply(self.effective_A(), C0, phi, self.solver, self.options, sink)
+        X, forward_stats = _AttentionFixedPoint.apply(self.effective_A(), C0, phi, self.solver, self.options, sink)
+        report_solve(forward_stats, "forward", self.options.on_nonconvergence, sink)
+        return X
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.state(x)[..., 3 * self.head_size :]
@@ -338,7 +367,7 @@ class ImplicitAttentionHead(nn.Module):
     def extra_repr(self) -> str:
         parts = [
             f"n_embd={self.n_embd}, head_size={self.head_size}, block_size={self.block_size}",
-            f"attention={self.attention!r}, solver={self.solver!r}",
+            f"attention={self.attention!r}, feedback={self.feedback!r}, solver={self.solver!r}",
             f"kappa={self.kappa}, projection={self.projection!r}",
         ]
         if self.is_low_rank:
