@@ -238,15 +238,17 @@ class ImplicitAttentionHead(nn.Module):
             acceleration, memory 5) for both the forward and adjoint solves.
         mitr, grad_mitr: iteration limits of the forward and adjoint solves.
         tol, grad_tol: absolute tolerances on each sequence's inf-norm
-            residual ||F(X) - X||_inf.
+            residual ||F(X) - X||_inf. In float32 keep tol above the state's
+            round-off (about 1e-7 × its largest entry), or the solve cannot
+            meet it.
         on_nonconvergence: ``"warn"`` (ImplicitFunctionWarning) or ``"raise"``
             (SolveNotConverged).
 
     Shapes: input (batch, T, n_embd) with 1 <= T <= block_size; output
     (batch, T, head_size). ``state(x)`` returns the whole equilibrium
     (batch, T, 4·hs). After a call ``last_stats`` (SolveStats) tells what the
-    solves did. Attention dropout is not offered: a random map has no fixed
-    point.
+    solves did. Gradients are first order (no double backward). Attention
+    dropout is not offered: a random map has no fixed point.
     """
 
     def __init__(

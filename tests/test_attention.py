@@ -1,6 +1,7 @@
 """ImplicitAttentionHead and ImplicitMultiHeadAttention against a loop-based
 plain-torch reference."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -11,7 +12,15 @@ import idl
 from idl import ImplicitAttentionHead, ImplicitMultiHeadAttention
 
 TIGHT = dict(tol=1e-12, grad_tol=1e-12, mitr=500, grad_mitr=500)
-VARIANTS = [(attention, solver) for attention in idl.ATTENTIONS for solver in ("picard", "anderson")]
+# (attention, solver, feedback): every value of each, softmax-picard in both
+# feedback modes.
+VARIANTS = [
+    ("softmax", "picard", "values"),
+    ("softmax", "picard", "full"),
+    ("softmax", "anderson", "full"),
+    ("lipschitz", "picard", "full"),
+    ("lipschitz", "anderson", "values"),
+]
 
 
 def reference_attention(q, k, v, kind):
@@ -47,11 +56,11 @@ def reference_state(x, A, B, kind, bias=None, iterations=150):
     return torch.stack(states)
 
 
-def make_head(attention, solver="picard", scale=3.0, seed=0, **options):
+def make_head(attention, solver="picard", feedback="values", scale=3.0, seed=0, **options):
     """A float64 head whose A is scaled up so the projection is active and the
-    attention output feeds back strongly."""
+    state feeds back strongly."""
     torch.manual_seed(seed)
-    head = ImplicitAttentionHead(4, 2, 6, attention, solver=solver, **{**TIGHT, **options}).double()
+    head = ImplicitAttentionHead(4, 2, 6, attention, feedback, solver=solver, **{**TIGHT, **options}).double()
     with torch.no_grad():
         if head.is_low_rank:
             head.L.mul_(scale)
@@ -61,11 +70,11 @@ def make_head(attention, solver="picard", scale=3.0, seed=0, **options):
     return head
 
 
-@pytest.mark.parametrize("attention, solver", VARIANTS)
+@pytest.mark.parametrize("attention, solver, feedback", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_shapes_and_dtype(attention, solver, dtype):
+def test_shapes_and_dtype(attention, solver, feedback, dtype):
     torch.manual_seed(0)
-    head = ImplicitAttentionHead(8, 3, 10, attention, solver=solver).to(dtype)
+    head = ImplicitAttentionHead(8, 3, 10, attention, feedback, solver=solver).to(dtype)
     x = torch.randn(2, 7, 8, dtype=dtype)
     y, state = head(x), head.state(x)
     assert y.shape == (2, 7, 3) and state.shape == (2, 7, 12)
@@ -86,19 +95,19 @@ def test_zero_A_is_the_explicit_head(attention):
     assert head.last_stats.forward["iterations"] == 2  # Φ(C0), then no change
 
 
-@pytest.mark.parametrize("attention, solver", VARIANTS)
-def test_matches_reference(attention, solver):
-    head = make_head(attention, solver, bias=True)
+@pytest.mark.parametrize("attention, solver, feedback", VARIANTS)
+def test_matches_reference(attention, solver, feedback):
+    head = make_head(attention, solver, feedback, bias=True)
     x = torch.randn(2, 5, 4, dtype=torch.float64)
     expected = reference_state(x, head.effective_A().detach(), head.B.detach(), attention, head.bias_hidden.detach())
     torch.testing.assert_close(head.state(x), expected, atol=1e-10, rtol=0)
     assert head.last_stats.forward["converged"]
 
 
-@pytest.mark.parametrize("attention, solver", VARIANTS)
-def test_returned_state_is_a_fixed_point(attention, solver):
+@pytest.mark.parametrize("attention, solver, feedback", VARIANTS)
+def test_returned_state_is_a_fixed_point(attention, solver, feedback):
     tol = 1e-7
-    head = make_head(attention, solver, tol=tol)
+    head = make_head(attention, solver, feedback, tol=tol)
     x = 2 * torch.randn(3, 6, 4, dtype=torch.float64)
     with torch.no_grad():
         X = head.state(x)
@@ -108,9 +117,9 @@ def test_returned_state_is_a_fixed_point(attention, solver):
     assert head.last_stats.forward["residual"] <= tol
 
 
-@pytest.mark.parametrize("attention, solver", VARIANTS)
-def test_causal(attention, solver):
-    head = make_head(attention, solver)
+@pytest.mark.parametrize("attention, solver, feedback", VARIANTS)
+def test_causal(attention, solver, feedback):
+    head = make_head(attention, solver, feedback)
     x = torch.randn(2, 6, 4, dtype=torch.float64)
     changed = x.clone()
     changed[:, 3:] = torch.randn(2, 3, 4, dtype=torch.float64)
@@ -119,9 +128,9 @@ def test_causal(attention, solver):
     assert (before[:, 3:] - after[:, 3:]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("attention", idl.ATTENTIONS)
-def test_gradients_match_backprop_through_the_reference(attention):
-    head = make_head(attention, bias=True)
+@pytest.mark.parametrize("attention, feedback", [("softmax", "values"), ("lipschitz", "full")])
+def test_gradients_match_backprop_through_the_reference(attention, feedback):
+    head = make_head(attention, feedback=feedback, bias=True)
     x = torch.randn(2, 4, 4, dtype=torch.float64, requires_grad=True)
     A = head.effective_A().detach().requires_grad_()
     weights = torch.randn(2, 4, 8, dtype=torch.float64)
@@ -141,12 +150,15 @@ def test_gradients_match_backprop_through_the_reference(attention):
 
 
 @pytest.mark.parametrize(
-    "attention, solver, options",
-    [(a, s, {}) for a, s in VARIANTS]
-    + [("softmax", "picard", dict(is_low_rank=True, rank=2, bias=True)), ("lipschitz", "picard", dict(bias=True))],
+    "attention, solver, feedback, options",
+    [(*variant, {}) for variant in VARIANTS]
+    + [
+        ("softmax", "picard", "values", dict(is_low_rank=True, rank=2, bias=True)),
+        ("lipschitz", "picard", "full", dict(is_low_rank=True, rank=3, bias=True)),
+    ],
 )
-def test_gradcheck_float64(attention, solver, options):
-    head = make_head(attention, solver, **options)
+def test_gradcheck_float64(attention, solver, feedback, options):
+    head = make_head(attention, solver, feedback, **options)
     names = [name for name, _ in head.named_parameters()]
     values = [p.detach().clone().requires_grad_() for p in head.parameters()]
     x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
@@ -157,21 +169,52 @@ def test_gradcheck_float64(attention, solver, options):
     assert torch.autograd.gradcheck(run, (x, *values), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-def test_anderson_agrees_with_picard():
-    picard, anderson = make_head("softmax", "picard", tol=1e-10), make_head("softmax", "anderson", tol=1e-10)
+@pytest.mark.parametrize("feedback", ["values", "full"])
+def test_anderson_agrees_with_picard(feedback):
+    picard = make_head("softmax", "picard", feedback, tol=1e-10)
+    anderson = make_head("softmax", "anderson", feedback, tol=1e-10)
     x = 2 * torch.randn(4, 6, 4, dtype=torch.float64)
     torch.testing.assert_close(picard(x), anderson(x), atol=1e-8, rtol=0)
 
 
+@pytest.mark.parametrize("feedback", ["values", "full"])
 @pytest.mark.parametrize("low_rank", [False, True])
-def test_projection_keeps_A_in_the_ball(low_rank):
+def test_effective_A_is_projected_and_masked(low_rank, feedback):
     options = dict(is_low_rank=True, rank=3) if low_rank else {}
-    head = make_head("softmax", scale=20.0, kappa=0.7, **options)
+    head = make_head("softmax", feedback=feedback, scale=20.0, kappa=0.7, **options)
     A = head.effective_A()
     assert A.shape == (6, 8)
     assert A.abs().sum(dim=1).max() <= 0.7 + 1e-12
+    k_q_reading_v_out = A[:4, 4:]  # rows k, q (2 + 2); columns v, out
+    assert (k_q_reading_v_out == 0).all() == (feedback == "values")
     if not low_rank:
-        torch.testing.assert_close(A, idl.project_linf(head.A, 0.7))
+        raw = head.A.detach().clone()
+        if feedback == "values":
+            raw[:4, 4:] = 0
+        torch.testing.assert_close(A, idl.project_linf(raw, 0.7))
+
+
+def solve_with_large_weights_and_inputs(attention, feedback, seed):
+    """Whether the forward solve converges with A at the edge of the ball
+    and q, k, v of size ~50."""
+    head = make_head(attention, feedback=feedback, scale=50.0, seed=seed, tol=1e-10, mitr=1000, kappa=0.9)
+    with torch.no_grad():
+        head.B.mul_(10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", idl.ImplicitFunctionWarning)
+        head(10 * torch.randn(3, 6, 4, dtype=torch.float64))
+    return head.last_stats.forward["converged"]
+
+
+@pytest.mark.parametrize("attention", idl.ATTENTIONS)
+def test_value_feedback_always_converges(attention):
+    assert all(solve_with_large_weights_and_inputs(attention, "values", seed) for seed in range(5))
+
+
+def test_full_feedback_converges_for_lipschitz_attention_not_always_for_softmax():
+    """The trade-off the docstring describes, on the same weights and inputs."""
+    assert all(solve_with_large_weights_and_inputs("lipschitz", "full", seed) for seed in range(5))
+    assert not all(solve_with_large_weights_and_inputs("softmax", "full", seed) for seed in range(5))
 
 
 def test_nonconvergence_is_reported():
@@ -246,6 +289,7 @@ def test_bad_input(x, error, match):
     [
         (dict(attention="linear"), ValueError, "attention must be one of"),
         (dict(solver="newton"), ValueError, "solver must be one of"),
+        (dict(feedback="none"), ValueError, "feedback must be one of"),
         (dict(is_low_rank=True), ValueError, "rank is required"),
         (dict(is_low_rank=True, rank=7), ValueError, "rank must be <= 3 \\* head_size = 6"),
         (dict(kappa=1.5), ValueError, "kappa"),
