@@ -9,6 +9,16 @@ from idl import ImplicitRNN, ImplicitRNNCell
 TIGHT = dict(tol=1e-12, grad_tol=1e-12, mitr=2000, grad_mitr=2000)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: extra intra-op threads only add synchronisation,
+    which stalls badly when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def reference_rnn(x, h0, A, B, C, D, kappa=0.99, iterations=3000):
     """Independent implementation: per step, Picard on X = relu(X Aᵀ + U Bᵀ)
     from zero (a fixed number of plain iterations, with A projected by a
