@@ -5,6 +5,7 @@ solves and the projection that keeps them well-posed run in a compiled core
 (torch.ops.idl), with implicit differentiation for the backward pass.
 """
 from ._ops import ImplicitFunctionWarning, SolveNotConverged
+from .attention import ATTENTIONS, ImplicitAttentionHead, ImplicitMultiHeadAttention
 from .functional import ACTIVATIONS, PROJECTIONS, SolverOptions, project_linf
 from .implicit import (
     ImplicitFunction,
@@ -13,17 +14,23 @@ from .implicit import (
     ImplicitModel,
     SolveStats,
 )
+from .rnn import ImplicitRNN, ImplicitRNNCell
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS",
+    "ATTENTIONS",
     "PROJECTIONS",
+    "ImplicitAttentionHead",
     "ImplicitFunction",
     "ImplicitFunctionInf",
     "ImplicitFunctionTriu",
     "ImplicitFunctionWarning",
     "ImplicitModel",
+    "ImplicitMultiHeadAttention",
+    "ImplicitRNN",
+    "ImplicitRNNCell",
     "SolveNotConverged",
     "SolveStats",
     "SolverOptions",

@@ -1,0 +1,235 @@
+"""ImplicitRNNCell and ImplicitRNN against a plain-torch reference."""
+import pytest
+import torch
+from torch.func import functional_call
+
+import idl
+from idl import ImplicitRNN, ImplicitRNNCell
+
+TIGHT = dict(tol=1e-12, grad_tol=1e-12, mitr=2000, grad_mitr=2000)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: extra intra-op threads only add synchronisation,
+    which stalls badly when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def reference_rnn(x, h0, A, B, C, D, kappa=0.99, iterations=3000):
+    """Independent implementation: per step, Picard on X = relu(X Aᵀ + U Bᵀ)
+    from zero (a fixed number of plain iterations, with A projected by a
+    sort-based l1-ball projection), then h = X Cᵀ + U Dᵀ."""
+    A = _project_rows_l1(A, kappa)
+    h, outputs = h0, []
+    for t in range(x.shape[1]):
+        U = torch.cat((x[:, t], h), dim=1)
+        X = torch.zeros(U.shape[0], A.shape[0], dtype=x.dtype)
+        for _ in range(iterations):
+            X = torch.relu(X @ A.t() + U @ B.t())
+        h = X @ C.t() + U @ D.t()
+        outputs.append(h)
+    return torch.stack(outputs, dim=1), h
+
+
+def _project_rows_l1(A, radius):
+    rows = []
+    for a in A:
+        if a.abs().sum() <= radius:
+            rows.append(a)
+            continue
+        mags = a.abs().sort(descending=True).values
+        cumulative = mags.cumsum(0)
+        ks = torch.arange(1, len(a) + 1, dtype=a.dtype)
+        k = int(((mags - (cumulative - radius) / ks) > 0).nonzero().max())
+        theta = (cumulative[k] - radius) / (k + 1)
+        rows.append(a.sign() * (a.abs() - theta).clamp_min(0))
+    return torch.stack(rows)
+
+
+def params(cell):
+    layer = cell.layer
+    return layer.A, layer.B, layer.C, layer.D
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cell_shapes_dtype_and_last_output(dtype):
+    torch.manual_seed(0)
+    cell = ImplicitRNNCell(3, 7, 5).to(dtype)
+    x = torch.randn(4, 6, 3, dtype=dtype)
+    outputs, h = cell(x)
+    assert outputs.shape == (4, 6, 5) and h.shape == (4, 5)
+    assert outputs.dtype == h.dtype == dtype
+    assert torch.equal(outputs[:, -1], h)
+    assert cell.layer.input_dim == 8 and cell.layer.output_dim == 5 and cell.layer.hidden_dim == 7
+
+
+def test_cell_matches_reference_with_and_without_h0():
+    torch.manual_seed(1)
+    cell = ImplicitRNNCell(2, 6, 4, **TIGHT).double()
+    with torch.no_grad():  # make the projection active on some rows
+        cell.layer.A.mul_(3)
+    x = torch.randn(3, 5, 2, dtype=torch.float64)
+    for h0 in (None, torch.randn(3, 4, dtype=torch.float64)):
+        outputs, h = cell(x, h0)
+        start = torch.zeros(3, 4, dtype=torch.float64) if h0 is None else h0
+        ref_outputs, ref_h = reference_rnn(x, start, *params(cell))
+        torch.testing.assert_close(outputs, ref_outputs, atol=1e-10, rtol=0)
+        torch.testing.assert_close(h, ref_h, atol=1e-10, rtol=0)
+
+
+def test_each_step_is_the_inner_models_output_and_warm_started(monkeypatch):
+    torch.manual_seed(2)
+    cell = ImplicitRNNCell(2, 5, 3, **TIGHT).double()
+    x = torch.randn(4, 4, 2, dtype=torch.float64)
+    starts, states = [], []
+    solve = cell.layer.implicit_state
+
+    def recording(U, X0=None):
+        starts.append(X0)
+        states.append(solve(U, X0))
+        return states[-1]
+
+    monkeypatch.setattr(cell.layer, "implicit_state", recording)
+    outputs, _ = cell(x)
+    monkeypatch.undo()
+
+    assert starts[0] is None
+    for start, previous in zip(starts[1:], states[:-1]):
+        assert not start.requires_grad and torch.equal(start, previous)
+    h = torch.zeros(4, 3, dtype=torch.float64)
+    for t in range(4):  # a cold solve of the same step gives the same h_t
+        h = cell.layer(torch.cat((x[:, t], h), dim=1))
+        torch.testing.assert_close(outputs[:, t], h, atol=1e-10, rtol=0)
+
+
+def test_causal():
+    torch.manual_seed(3)
+    cell = ImplicitRNNCell(2, 5, 3, **TIGHT).double()
+    x = torch.randn(2, 6, 2, dtype=torch.float64)
+    changed = x.clone()
+    changed[:, 4:] += torch.randn(2, 2, 2, dtype=torch.float64)
+    before, _ = cell(x)
+    after, _ = cell(changed)
+    torch.testing.assert_close(before[:, :4], after[:, :4], atol=0, rtol=0)
+    assert not torch.allclose(before[:, 4:], after[:, 4:])
+
+
+def test_stats_merge_steps_and_report_the_backward():
+    torch.manual_seed(4)
+    model = ImplicitRNN(2, 1, 4, 6, tol=1e-6)
+    x = torch.randn(3, 5, 2)
+    y = model(x)
+    stats = model.last_stats
+    assert len(model.recurrent.step_stats) == 5
+    assert stats.forward["converged"] and stats.forward["residual"] <= 1e-6
+    assert stats.forward["iterations"] == max(s.forward["iterations"] for s in model.recurrent.step_stats)
+    assert stats.backward is None
+    y.sum().backward()
+    assert model.last_stats.backward["converged"]
+
+
+def test_gradients_match_backprop_through_the_reference():
+    torch.manual_seed(5)
+    cell = ImplicitRNNCell(2, 5, 3, **TIGHT).double()
+    x = torch.randn(3, 4, 2, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(3, 4, 3, dtype=torch.float64)
+    inputs = (x, h0, *params(cell))
+    (cell(x, h0)[0] * weights).sum().backward()
+    grads = [t.grad.clone() for t in inputs]
+    ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    (reference_rnn(*ref_inputs, iterations=200)[0] * weights).sum().backward()
+    for grad, ref in zip(grads, ref_inputs):
+        torch.testing.assert_close(grad, ref.grad, atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(bias=True, activation="tanh")])
+def test_gradcheck_float64(options):
+    torch.manual_seed(6)
+    model = ImplicitRNN(2, 2, 3, 4, **TIGHT, **options).double()
+    names = [name for name, _ in model.named_parameters()]
+    x = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    values = [p.detach().clone().requires_grad_() for p in model.parameters()]
+
+    def run(x, h0, *values):
+        return functional_call(model, dict(zip(names, values)), (x, h0))
+
+    assert torch.autograd.gradcheck(run, (x, h0, *values), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_tutorial_snippet_trains():
+    torch.manual_seed(0)
+    x = torch.randn(50, 20, 1)
+    y = torch.randn(50, 1)
+    model = ImplicitRNN(input_dim=1, output_dim=1, hidden_dim=10, implicit_hidden_dim=10)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    losses = []
+    for _ in range(10):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 20, 1)).shape == (1, 1)
+
+
+def test_argument_order_and_forwarded_kwargs():
+    model = ImplicitRNN(3, 2, 4, 6, activation="tanh", is_low_rank=True, rank=2)
+    assert model.recurrent.hidden_dim == 4 and model.recurrent.implicit_hidden_dim == 6
+    assert model.linear.in_features == 4 and model.linear.out_features == 2
+    assert model.recurrent.layer.activation == "tanh" and model.recurrent.layer.rank == 2
+    assert model(torch.randn(2, 3, 3)).shape == (2, 2)
+
+
+def test_nonconvergence_is_reported():
+    torch.manual_seed(7)
+    model = ImplicitRNN(1, 1, 4, 6, mitr=1, tol=0.0)
+    with pytest.warns(idl.ImplicitFunctionWarning):
+        model(torch.randn(2, 3, 1))
+    assert not model.last_stats.forward["converged"]
+    strict = ImplicitRNN(1, 1, 4, 6, mitr=1, tol=0.0, on_nonconvergence="raise")
+    with pytest.raises(idl.SolveNotConverged):
+        strict(torch.randn(2, 3, 1))
+
+
+@pytest.mark.parametrize(
+    "x, h0, error, match",
+    [
+        ([[1.0]], None, TypeError, "x must be a torch.Tensor"),
+        (torch.randn(5, 2), None, ValueError, "unsqueeze"),
+        (torch.randn(2, 5, 3), None, ValueError, "input_dim=2"),
+        (torch.randn(2, 0, 2), None, ValueError, "seq_len"),
+        (torch.randn(2, 5, 2, dtype=torch.float64), None, TypeError, "dtype"),
+        (torch.randn(2, 5, 2), torch.randn(2, 4), ValueError, "h0 must have shape"),
+        (torch.randn(2, 5, 2), torch.randn(2, 3, dtype=torch.float64), TypeError, "h0 has dtype"),
+        (torch.randn(2, 5, 2), "zeros", TypeError, "h0 must be a torch.Tensor"),
+    ],
+)
+def test_bad_input(x, h0, error, match):
+    model = ImplicitRNN(2, 1, 3, 4)
+    with pytest.raises(error, match=match):
+        model(x, h0)
+
+
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        ((0, 1, 3, 4), ValueError, "input_dim"),
+        ((2, 1, 3, 0), ValueError, "implicit_hidden_dim"),
+        ((2, 1, 2.5, 4), TypeError, "hidden_dim"),
+        ((2, 0, 3, 4), ValueError, "output_dim"),
+    ],
+)
+def test_bad_construction(args, error, match):
+    with pytest.raises(error, match=match):
+        ImplicitRNN(*args)
+    with pytest.raises(ValueError, match="activation"):
+        ImplicitRNN(2, 1, 3, 4, activation="gelu")
