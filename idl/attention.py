@@ -28,12 +28,10 @@ from torch.autograd.function import once_differentiable
 
 from . import functional as F
 from ._ops import report_solve
-from .implicit import ImplicitFunctionInf, SolveStats, _check_like, _check_positive_int
-from .rnn import merge_stats
+from .implicit import ImplicitFunctionInf, SolveStats, _check_like, _check_positive_int, merge_stats
 
 ATTENTIONS = ("softmax", "lipschitz")
 FEEDBACKS = ("values", "full")
-SOLVERS = ("picard", "anderson")
 
 # The Lipschitz variant divides by (LIPSCHITZ_OFFSET + row sum of weights): the
 # offset keeps the division bounded when every weight is tiny.
@@ -76,66 +74,10 @@ def attention_activation(Z: torch.Tensor, attention: Callable, mask: torch.Tenso
 # ---- solvers on rows (one row = one flattened sequence) ---------------------
 
 
-def anderson_rows(fn, start, max_iter, tol, memory=5, regularization=1e-8):
-    """Anderson acceleration of x <- fn(x, rows), row by row, with the same
-    contract as :func:`idl.functional.iterate_rows`: a row stops once its
-    residual ||fn(x) - x||_inf is <= tol and keeps fn(x) as its result.
-    Returns (X, stats tensor [iterations, residual, converged]).
-
-    Each new iterate is the combination Σ α_i fn(x_i) of the last ``memory``
-    evaluations whose residuals' combination Σ α_i (fn(x_i) - x_i) is smallest
-    in the 2-norm under Σ α_i = 1 (``regularization`` × the largest squared
-    residual norm is added to the normal equations' diagonal for stability)."""
-    out = start.clone()
-    rows = torch.arange(start.shape[0], device=start.device)
-    xs, fs = start.unsqueeze(1), fn(start, rows).unsqueeze(1)
-    iterations, finished_worst, active_worst = 1, 0.0, 0.0
-    while True:
-        x, f = xs[:, -1], fs[:, -1]
-        residual = (f - x).abs().amax(dim=1) if f.shape[1] else f.new_zeros(len(rows))
-        if not torch.isfinite(residual).all():
-            out[rows] = f
-            active_worst = float("nan") if torch.isnan(residual).any() else float("inf")
-            break
-        done = residual <= tol
-        out[rows[done]] = f[done]
-        if done.any():
-            finished_worst = max(finished_worst, residual[done].max().item())
-        active_worst = residual[~done].max().item() if (~done).any() else 0.0
-        rows, xs, fs = rows[~done], xs[~done], fs[~done]
-        if rows.numel() == 0 or iterations >= max_iter:
-            out[rows] = fs[:, -1]
-            break
-        x_next = _anderson_mix(xs, fs, regularization)
-        xs = torch.cat((xs, x_next.unsqueeze(1)), dim=1)[:, -memory:]
-        fs = torch.cat((fs, fn(x_next, rows).unsqueeze(1)), dim=1)[:, -memory:]
-        iterations += 1
-    converged = rows.numel() == 0
-    worst = active_worst if not math.isfinite(active_worst) else max(finished_worst, active_worst)
-    stats = torch.tensor([iterations, worst, float(converged)], dtype=torch.float64)
-    return out, stats
-
-
-def _anderson_mix(xs, fs, regularization):
-    """Σ α_i f_i with α minimising ||Σ α_i (f_i - x_i)||₂, Σ α_i = 1 (per row);
-    xs, fs are (rows, history, N)."""
-    residuals = fs - xs
-    gram = residuals @ residuals.transpose(1, 2)
-    history = gram.shape[-1]
-    scale = gram.diagonal(dim1=1, dim2=2).amax(dim=1).clamp_min(torch.finfo(gram.dtype).tiny)
-    eye = torch.eye(history, dtype=gram.dtype, device=gram.device)
-    gram = gram + regularization * scale[:, None, None] * eye
-    ones = gram.new_ones(gram.shape[0], history, 1)
-    # α ∝ gram⁻¹ 1, normalised to sum to 1 (the constrained least squares).
-    weights = torch.linalg.solve(gram, ones)
-    weights = weights / weights.sum(dim=1, keepdim=True)
-    return (weights.transpose(1, 2) @ fs).squeeze(1)
-
-
-def _solve_rows(fn, start, solver, max_iter, tol):
-    if solver == "anderson":
-        return anderson_rows(fn, start, max_iter, tol)
-    return F.iterate_rows(start, lambda X: X, fn, max_iter, tol)
+def _solve_rows(fn, start, max_iter, tol, options):
+    """x <- fn(x, rows) on rows of flattened sequences, by the method of
+    ``options`` (the solver loop of :func:`idl.functional.iterate_rows`)."""
+    return F.iterate_rows(start, lambda X: X, fn, max_iter, tol, options.method, options.memory)
 
 
 # ---- the differentiable solve ------------------------------------------------
@@ -147,17 +89,17 @@ class _AttentionFixedPoint(torch.autograd.Function):
     backward reports its own solve to ``sink``."""
 
     @staticmethod
-    def forward(ctx, A, C0, phi, solver, options, sink):
+    def forward(ctx, A, C0, phi, options, sink):
         batch, T, _ = C0.shape
         width = A.shape[1]
 
         def step(X, rows):
             return phi(X.view(len(rows), T, width) @ A.t() + C0[rows]).flatten(1)
 
-        X, stats = _solve_rows(step, C0.new_zeros(batch, T * width), solver, options.max_iter, options.tol)
+        X, stats = _solve_rows(step, C0.new_zeros(batch, T * width), options.max_iter, options.tol, options)
         X = X.view(batch, T, width)
         ctx.save_for_backward(A, C0, X)
-        ctx.phi, ctx.solver, ctx.options, ctx.sink = phi, solver, options, sink
+        ctx.phi, ctx.options, ctx.sink = phi, options, sink
         ctx.mark_non_differentiable(stats)
         return X, stats
 
@@ -179,10 +121,10 @@ class _AttentionFixedPoint(torch.autograd.Function):
             return G[rows] + vjp.flatten(1)[rows]
 
         options = ctx.options
-        W, stats = _solve_rows(adjoint_step, torch.zeros_like(G), ctx.solver, options.grad_max_iter, options.grad_tol)
+        W, stats = _solve_rows(adjoint_step, torch.zeros_like(G), options.grad_max_iter, options.grad_tol, options)
         report_solve(stats, "backward", options.on_nonconvergence, ctx.sink)
         grad_A, grad_C0 = torch.autograd.grad(mapped, (A, C0), W.view_as(mapped))
-        return grad_A, grad_C0, None, None, None, None
+        return grad_A, grad_C0, None, None, None
 
 
 # ---- modules -------------------------------------------------------------------
@@ -278,8 +220,6 @@ class ImplicitAttentionHead(nn.Module):
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         if feedback not in FEEDBACKS:
             raise ValueError(f"feedback must be one of {FEEDBACKS}, got {feedback!r}")
-        if solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         F.check_kappa(kappa)
         if projection not in F.PROJECTIONS:
             raise ValueError(f"projection must be one of {F.PROJECTIONS}, got {projection!r}")
@@ -290,9 +230,9 @@ class ImplicitAttentionHead(nn.Module):
             _check_positive_int("rank", rank)
             if rank > rows:
                 raise ValueError(f"rank must be <= 3 * head_size = {rows}, got {rank}")
-        self.options = F.SolverOptions(mitr, tol, grad_mitr, grad_tol, on_nonconvergence)
+        self.options = F.SolverOptions(mitr, tol, grad_mitr, grad_tol, on_nonconvergence, method=solver)
         self.n_embd, self.head_size, self.block_size = n_embd, head_size, block_size
-        self.attention, self.feedback, self.solver, self.bias = attention, feedback, solver, bias
+        self.attention, self.feedback, self.bias = attention, feedback, bias
         self.kappa, self.projection = float(kappa), projection
         self.is_low_rank, self.rank = is_low_rank, rank
 
@@ -359,7 +299,7 @@ class ImplicitAttentionHead(nn.Module):
 
         self.last_stats = stats
         phi = self.activation(x.shape[1])
-        X, forward_stats = _AttentionFixedPoint.apply(self.effective_A(), C0, phi, self.solver, self.options, sink)
+        X, forward_stats = _AttentionFixedPoint.apply(self.effective_A(), C0, phi, self.options, sink)
         report_solve(forward_stats, "forward", self.options.on_nonconvergence, sink)
         return X
 
@@ -369,7 +309,7 @@ class ImplicitAttentionHead(nn.Module):
     def extra_repr(self) -> str:
         parts = [
             f"n_embd={self.n_embd}, head_size={self.head_size}, block_size={self.block_size}",
-            f"attention={self.attention!r}, feedback={self.feedback!r}, solver={self.solver!r}",
+            f"attention={self.attention!r}, feedback={self.feedback!r}, solver={self.options.method!r}",
             f"kappa={self.kappa}, projection={self.projection!r}",
         ]
         if self.is_low_rank:
@@ -394,7 +334,7 @@ class ImplicitMultiHeadAttention(nn.Module):
         dropout: dropout probability after the projection.
         **head_kwargs: passed to every head (kappa, solver, mitr, tol, ...).
 
-    ``last_stats`` summarises the heads' solves (see :func:`idl.rnn.merge_stats`).
+    ``last_stats`` summarises the heads' solves (see :func:`idl.implicit.merge_stats`).
     """
 
     def __init__(

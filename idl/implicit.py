@@ -87,6 +87,25 @@ class SolveStats:
     backward: Optional[dict] = None
 
 
+def merge_stats(records: list) -> Optional[SolveStats]:
+    """One SolveStats summarising several solves: the most iterations any solve
+    took, the largest residual, and whether all converged. ``backward`` is None
+    until every solve has run its backward pass. None for an empty list."""
+    if not records:
+        return None
+
+    def merge(dicts):
+        return {
+            "iterations": max(d["iterations"] for d in dicts),
+            "residual": max(d["residual"] for d in dicts),
+            "converged": all(d["converged"] for d in dicts),
+        }
+
+    backwards = [r.backward for r in records]
+    backward = None if any(b is None for b in backwards) else merge(backwards)
+    return SolveStats(forward=merge([r.forward for r in records]), backward=backward)
+
+
 def _check_positive_int(name, value, allow_zero=False):
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -257,8 +276,8 @@ class ImplicitModel(nn.Module):
         finally:
             backward_reporting.reset(token)
 
-    def forward(self, U: torch.Tensor, X0: Optional[torch.Tensor] = None) -> torch.Tensor:
-        X = self.implicit_state(U, X0)
+    def readout(self, U: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        """Ŷ = X Cᵀ + U Dᵀ (+ bias) for input U and its equilibrium X."""
         U = U.flatten(1) if U.dim() > 2 else U
         Y = X @ self.C.t()
         if not self.no_D:
@@ -266,6 +285,9 @@ class ImplicitModel(nn.Module):
         if self.bias:
             Y = Y + self.bias_out
         return Y
+
+    def forward(self, U: torch.Tensor, X0: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.readout(U, self.implicit_state(U, X0))
 
     def extra_repr(self) -> str:
         parts = [

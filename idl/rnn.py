@@ -14,26 +14,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .implicit import ImplicitModel, SolveStats, _check_like, _check_positive_int
-
-
-def merge_stats(records: List[SolveStats]) -> Optional[SolveStats]:
-    """One SolveStats summarising several solves: the most iterations any solve
-    took, the largest residual, and whether all converged. ``backward`` is None
-    until every solve has run its backward pass. None for an empty list."""
-    if not records:
-        return None
-
-    def merge(dicts):
-        return {
-            "iterations": max(d["iterations"] for d in dicts),
-            "residual": max(d["residual"] for d in dicts),
-            "converged": all(d["converged"] for d in dicts),
-        }
-
-    backwards = [r.backward for r in records]
-    backward = None if any(b is None for b in backwards) else merge(backwards)
-    return SolveStats(forward=merge([r.forward for r in records]), backward=backward)
+from .implicit import ImplicitModel, SolveStats, _check_like, _check_positive_int, merge_stats
 
 
 def _check_sequence(x, h0, input_dim: int, hidden_dim: int, like: torch.Tensor) -> None:
@@ -55,17 +36,6 @@ def _check_sequence(x, h0, input_dim: int, hidden_dim: int, like: torch.Tensor) 
         if tuple(h0.shape) != expected:
             raise ValueError(f"h0 must have shape (batch, hidden_dim) = {expected}, got {tuple(h0.shape)}")
         _check_like(h0, like, "h0")
-
-
-def _readout(layer: ImplicitModel, U: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """Ŷ = X Cᵀ + U Dᵀ (+ bias) of ``layer`` for an equilibrium X it solved;
-    the same output as ``layer(U)``, computed from a state we already hold."""
-    Y = X @ layer.C.t()
-    if not layer.no_D:
-        Y = Y + U @ layer.D.t()
-    if layer.bias:
-        Y = Y + layer.bias_out
-    return Y
 
 
 class ImplicitRNNCell(nn.Module):
@@ -96,7 +66,7 @@ class ImplicitRNNCell(nn.Module):
         have the dtype and device of x (which must match the parameters').
 
     After a call, ``step_stats`` holds every step's SolveStats and
-    ``last_stats`` summarises them (see :func:`merge_stats`).
+    ``last_stats`` summarises them (see :func:`idl.implicit.merge_stats`).
     """
 
     def __init__(self, input_dim: int, implicit_hidden_dim: int, hidden_dim: int, **implicit_kwargs: Any) -> None:
@@ -135,7 +105,7 @@ class ImplicitRNNCell(nn.Module):
             start = None if state is None else state.detach()
             state = self.layer.implicit_state(U, start)
             stats.append(self.layer.last_stats)
-            h = _readout(self.layer, U, state)
+            h = self.layer.readout(U, state)
             outputs.append(h)
         self.step_stats = stats
         return torch.stack(outputs, dim=1), h

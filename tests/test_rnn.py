@@ -5,25 +5,16 @@ from torch.func import functional_call
 
 import idl
 from idl import ImplicitRNN, ImplicitRNNCell
+from reference import project_rows_l1
 
 TIGHT = dict(tol=1e-12, grad_tol=1e-12, mitr=2000, grad_mitr=2000)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: extra intra-op threads only add synchronisation,
-    which stalls badly when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def reference_rnn(x, h0, A, B, C, D, kappa=0.99, iterations=3000):
     """Independent implementation: per step, Picard on X = relu(X Aᵀ + U Bᵀ)
     from zero (a fixed number of plain iterations, with A projected by a
     sort-based l1-ball projection), then h = X Cᵀ + U Dᵀ."""
-    A = _project_rows_l1(A, kappa)
+    A = project_rows_l1(A, kappa)
     h, outputs = h0, []
     for t in range(x.shape[1]):
         U = torch.cat((x[:, t], h), dim=1)
@@ -33,21 +24,6 @@ def reference_rnn(x, h0, A, B, C, D, kappa=0.99, iterations=3000):
         h = X @ C.t() + U @ D.t()
         outputs.append(h)
     return torch.stack(outputs, dim=1), h
-
-
-def _project_rows_l1(A, radius):
-    rows = []
-    for a in A:
-        if a.abs().sum() <= radius:
-            rows.append(a)
-            continue
-        mags = a.abs().sort(descending=True).values
-        cumulative = mags.cumsum(0)
-        ks = torch.arange(1, len(a) + 1, dtype=a.dtype)
-        k = int(((mags - (cumulative - radius) / ks) > 0).nonzero().max())
-        theta = (cumulative[k] - radius) / (k + 1)
-        rows.append(a.sign() * (a.abs() - theta).clamp_min(0))
-    return torch.stack(rows)
 
 
 def params(cell):
