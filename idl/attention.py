@@ -292,12 +292,8 @@ class ImplicitAttentionHead(nn.Module):
         C0 = x @ self.B.t()
         if self.bias:
             C0 = C0 + self.bias_hidden
-        stats = SolveStats(forward={})
-
-        def sink(what, record):
-            setattr(stats, what, record)
-
-        self.last_stats = stats
+        stats = self.last_stats = SolveStats(forward={})
+        sink = stats.record
         phi = self.activation(x.shape[1])
         X, forward_stats = _AttentionFixedPoint.apply(self.effective_A(), C0, phi, self.options, sink)
         report_solve(forward_stats, "forward", self.options.on_nonconvergence, sink)

@@ -86,6 +86,11 @@ class SolveStats:
     forward: dict
     backward: Optional[dict] = None
 
+    def record(self, what: str, record: dict) -> None:
+        """Keep the record of the ``"forward"`` or ``"backward"`` solve (the
+        ``sink`` that the solves report to)."""
+        setattr(self, what, record)
+
 
 def merge_stats(records: list) -> Optional[SolveStats]:
     """One SolveStats summarising several solves: the most iterations any solve
@@ -261,12 +266,8 @@ class ImplicitModel(nn.Module):
         C0 = U @ self.B.t()
         if self.bias:
             C0 = C0 + self.bias_hidden
-        stats = SolveStats(forward={})
-
-        def sink(what, record):
-            setattr(stats, what, record)
-
-        self.last_stats = stats
+        stats = self.last_stats = SolveStats(forward={})
+        sink = stats.record
         A = self.effective_A()
         if self.custom_activation:
             return F.fixed_point_custom(A, C0, X0, self.f.phi, self.f.dphi, self.options, sink)
