@@ -234,6 +234,12 @@ class ImplicitModel(nn.Module):
         C0 = U @ self.B.t()
         if self.bias:
             C0 = C0 + self.bias_hidden
+        if torch.compiler.is_compiling() and not self.custom_activation:
+            # A compiled graph can neither set a ContextVar nor call back into
+            # a Python sink: its solves go unreported (docs/hardening.md).
+            self.last_stats = None
+            A = self.effective_A()
+            return F.fixed_point(A, C0, X0, self.activation, self.negative_slope, self.options)
         stats = SolveStats(forward={})
 
         def sink(what, record):
