@@ -57,17 +57,60 @@ def report_solve(stats, what, on_nonconvergence, sink=None):
 backward_reporting = contextvars.ContextVar("idl_backward_reporting", default=(None, "warn"))
 
 
+# ---- fake kernels ------------------------------------------------------------
+#
+# They run for meta and fake tensors, and whenever any argument is a meta
+# tensor, so they check what the C++ glue checks (a mix of devices would
+# otherwise return uninitialised CPU memory) and return what it returns:
+# contiguous outputs, whatever the layout of the inputs.
+
+
+def _check_matrix(t, name):
+    torch._check_value(t.dim() == 2, lambda: f"idl: {name} must be a 2-D tensor, got {t.dim()}-D")
+    torch._check_type(t.dtype in (torch.float32, torch.float64),
+                      lambda: f"idl: {name} must be float32 or float64, got {t.dtype}")
+
+
+def _check_same_kind(t, ref, name, ref_name):
+    torch._check_type(t.dtype == ref.dtype,
+                      lambda: f"idl: {name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
+    torch._check_value(t.device == ref.device,
+                       lambda: f"idl: {name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def _check_same(t, ref, name, ref_name):
+    _check_same_kind(t, ref, name, ref_name)
+    torch._check_value(t.shape == ref.shape,
+                       lambda: f"idl: {name} must have shape {list(ref.shape)}, got {list(t.shape)}")
+
+
+def _check_square_with(A, rows, rows_name):
+    _check_matrix(A, "A")
+    _check_matrix(rows, rows_name)
+    _check_same_kind(rows, A, rows_name, "A")
+    torch._check_value(A.shape[0] == A.shape[1], lambda: f"idl: A must be square, got {list(A.shape)}")
+    torch._check_value(rows.shape[1] == A.shape[0], lambda: (
+        f"idl: {rows_name} must have {A.shape[0]} columns (the hidden size), got {rows.shape[1]}"))
+
+
+def _contiguous_like(t):
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 # ---- projection ------------------------------------------------------------
 
 
 @torch.library.register_fake("idl::project_linf")
 def _(A, kappa, mode):
-    return torch.empty_like(A, memory_format=torch.contiguous_format)
+    _check_matrix(A, "A")
+    return _contiguous_like(A)
 
 
 @torch.library.register_fake("idl::project_linf_backward")
 def _(grad, A, kappa, mode):
-    return torch.empty_like(A, memory_format=torch.contiguous_format)
+    _check_matrix(A, "A")
+    _check_same(grad, A, "grad", "A")
+    return _contiguous_like(A)
 
 
 def _project_setup(ctx, inputs, output):
@@ -93,12 +136,17 @@ def _stats_like(t):
 
 @torch.library.register_fake("idl::fixed_point")
 def _(A, C0, X0, activation, slope, max_iter, tol, grad_max_iter, grad_tol):
-    return torch.empty_like(C0), torch.empty_like(C0), _stats_like(C0)
+    _check_square_with(A, C0, "C0")
+    if X0 is not None:
+        _check_same(X0, C0, "X0", "C0")
+    return _contiguous_like(C0), _contiguous_like(C0), _stats_like(C0)
 
 
 @torch.library.register_fake("idl::fixed_point_adjoint")
 def _(A, Z, G, activation, slope, max_iter, tol):
-    return torch.empty_like(Z), _stats_like(Z)
+    _check_square_with(A, Z, "Z")
+    _check_same(G, Z, "G", "Z")
+    return _contiguous_like(Z), _stats_like(Z)
 
 
 def _solve_setup(ctx, inputs, output):
