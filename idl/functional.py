@@ -52,8 +52,8 @@ class SolverOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+            if not 1 <= value < 2**63:  # the compiled solve counts in int64
+                raise ValueError(f"{name} must be in [1, 2**63), got {value}")
         for name in ("tol", "grad_tol"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):

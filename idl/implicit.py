@@ -94,6 +94,13 @@ def _check_positive_int(name, value, allow_zero=False):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '>= 1'}, got {value}")
 
 
+def _check_finite_float(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
 class ImplicitModel(nn.Module):
     r"""An implicit layer: Ŷ = X Cᵀ + U Dᵀ with X = φ(X Aᵀ + U Bᵀ).
 
@@ -158,6 +165,7 @@ class ImplicitModel(nn.Module):
                 f"activation={activation!r} conflicts with f={f.__name__}, which defines its own phi"
             )
         F.check_kappa(kappa)
+        _check_finite_float("negative_slope", negative_slope)
         if projection not in F.PROJECTIONS:
             raise ValueError(f"projection must be one of {F.PROJECTIONS}, got {projection!r}")
         if is_low_rank:
