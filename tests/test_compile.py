@@ -74,6 +74,32 @@ def test_fullgraph_inductor_matches_eager():
     assert_same_as_eager("inductor", [U])
 
 
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+def test_fake_kernels_agree_with_the_real_ones_on_non_contiguous_inputs(layout):
+    """torch.compile plans memory from the fake kernels: for non-contiguous
+    inputs they must promise the contiguous outputs the real kernels return
+    (inductor otherwise stops on a stride assertion)."""
+    g = torch.Generator().manual_seed(3)
+
+    def view(rows, cols):
+        if layout == "transposed":
+            return torch.randn(cols, rows, generator=g, dtype=torch.float64).t()
+        return torch.randn(rows, 2 * cols, generator=g, dtype=torch.float64)[:, ::2]
+
+    A = idl.project_linf(view(4, 4), 0.5)
+    C0, X0, G = view(3, 4), view(3, 4), view(3, 4)
+    assert not C0.is_contiguous()
+    ops = torch.ops.idl
+    torch.library.opcheck(ops.project_linf.default, (view(4, 4), 0.5, "exact"))
+    torch.library.opcheck(ops.project_linf_backward.default, (view(4, 4), A, 0.5, "exact"))
+    torch.library.opcheck(ops.fixed_point.default,
+                          (A.requires_grad_(), C0.requires_grad_(), X0, "tanh", 0.0, 500, 1e-12,
+                           500, 1e-12))
+    _, Z, _ = ops.fixed_point(A.detach(), C0.detach(), None, "tanh", 0.0, 500, 1e-12, 500, 1e-12)
+    torch.library.opcheck(ops.fixed_point_adjoint.default,
+                          (A.detach().t(), Z.t().contiguous().t(), G, "tanh", 0.0, 500, 1e-12))
+
+
 def test_compiled_warm_start_and_implicit_state():
     torch._dynamo.reset()
     model = idl.ImplicitModel(4, 2, 6, **TIGHT).double()
