@@ -9,6 +9,7 @@ import warnings
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
+from torch.autograd.function import once_differentiable
 
 from . import _C  # noqa: F401  (loading the library registers torch.ops.idl)
 
@@ -27,9 +28,9 @@ class SolveNotConverged(RuntimeError):
 def report_solve(stats, what, on_nonconvergence, sink=None):
     """Read a solve's stats tensor [iterations, residual, converged], hand it to
     ``sink`` (a callable, or None) and warn or raise if it did not converge.
-    While a graph is being traced (torch.compile, fake tensors) there is no
-    value to read yet, and nothing is reported."""
-    if torch.compiler.is_compiling() or is_fake(stats):
+    While a graph is being traced (torch.compile, fake tensors), or on the meta
+    device, there is no value to read, and nothing is reported."""
+    if torch.compiler.is_compiling() or is_fake(stats) or stats.is_meta:
         return None
     iterations, residual, converged = stats.tolist()
     record = {"iterations": int(iterations), "residual": residual, "converged": bool(converged)}
@@ -119,6 +120,7 @@ def _project_setup(ctx, inputs, output):
     ctx.kappa, ctx.mode = kappa, mode
 
 
+@once_differentiable
 def _project_backward(ctx, grad):
     (A,) = ctx.saved_tensors
     return ops.project_linf_backward(grad, A, ctx.kappa, ctx.mode), None, None
@@ -158,6 +160,7 @@ def _solve_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(Z, _stats)
 
 
+@once_differentiable
 def _solve_backward(ctx, grad_X, _grad_Z, _grad_stats):
     """Implicit differentiation: with V = φ'(Z) ⊙ (V A + dL/dX), dL/dC0 = V and
     dL/dA = Vᵀ X. No iterate of the forward solve is needed."""

@@ -129,6 +129,8 @@ class ImplicitModel(nn.Module):
             (SolveNotConverged) when a solve stops before reaching its tolerance.
 
     After a call, ``last_stats`` tells what the solves did (see SolveStats).
+    Under ``torch.autocast`` the products around the solve follow autocast,
+    and the solve itself runs in the parameters' dtype.
     """
 
     def __init__(
@@ -242,6 +244,15 @@ class ImplicitModel(nn.Module):
         C0 = U @ self.B.t()
         if self.bias:
             C0 = C0 + self.bias_hidden
+        if not _autocasting(U):
+            return self._solve(C0, X0)
+        # The solve runs in the parameters' precision, which its tolerance
+        # needs, whatever lower precision autocast gave U and C0.
+        with torch.autocast(U.device.type, enabled=False):
+            dtype = self.B.dtype
+            return self._solve(C0.to(dtype), None if X0 is None else X0.to(dtype))
+
+    def _solve(self, C0: torch.Tensor, X0: Optional[torch.Tensor]) -> torch.Tensor:
         if torch.compiler.is_compiling() and not self.custom_activation:
             # A compiled graph can neither set a ContextVar nor call back into
             # a Python sink: its solves go unreported (docs/hardening.md).
@@ -285,8 +296,13 @@ class ImplicitModel(nn.Module):
         return ", ".join(parts)
 
 
+def _autocasting(t: torch.Tensor) -> bool:
+    device = t.device.type
+    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+
+
 def _check_like(t: torch.Tensor, param: torch.Tensor, name: str) -> None:
-    if t.dtype != param.dtype:
+    if t.dtype != param.dtype and not (t.is_floating_point() and _autocasting(t)):
         raise TypeError(
             f"{name} has dtype {t.dtype} but the model's parameters are {param.dtype}; "
             f"convert one of them (e.g. model.to({t.dtype}))"
