@@ -9,7 +9,6 @@ import warnings
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
-from torch.autograd.function import once_differentiable
 
 from . import _C  # noqa: F401  (loading the library registers torch.ops.idl)
 
@@ -120,7 +119,6 @@ def _project_setup(ctx, inputs, output):
     ctx.kappa, ctx.mode = kappa, mode
 
 
-@once_differentiable
 def _project_backward(ctx, grad):
     (A,) = ctx.saved_tensors
     return ops.project_linf_backward(grad, A, ctx.kappa, ctx.mode), None, None
@@ -160,7 +158,6 @@ def _solve_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(Z, _stats)
 
 
-@once_differentiable
 def _solve_backward(ctx, grad_X, _grad_Z, _grad_stats):
     """Implicit differentiation: with V = φ'(Z) ⊙ (V A + dL/dX), dL/dC0 = V and
     dL/dA = Vᵀ X. No iterate of the forward solve is needed."""
@@ -174,3 +171,24 @@ def _solve_backward(ctx, grad_X, _grad_Z, _grad_stats):
 
 
 torch.library.register_autograd("idl::fixed_point", _solve_backward, setup_context=_solve_setup)
+
+
+# ---- the backward ops themselves -------------------------------------------
+#
+# They are not differentiable. Saying so gives a clear error on a second
+# derivative (and keeps their kernels below autograd, where ATen's GEMM does
+# not object to inputs that require grad), where torch's fallback would warn
+# and return no gradient at all.
+
+
+def _not_differentiable(name):
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"{name} is not differentiable: idl's implicit backward is differentiable once"
+        )
+
+    return backward
+
+
+for _name in ("project_linf_backward", "fixed_point_adjoint"):
+    torch.library.register_autograd(f"idl::{_name}", _not_differentiable(f"idl::{_name}"))

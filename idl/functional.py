@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._ops import ops, report_solve
 
@@ -139,6 +140,7 @@ class _CustomActivationSolve(torch.autograd.Function):
         return X
 
     @staticmethod
+    @once_differentiable  # its second derivative would miss the implicit part
     def backward(ctx, grad_X):
         A, X, Z = ctx.saved_tensors
         D = ctx.dphi(Z)
