@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <string>
 #include <utility>
 
@@ -59,9 +60,11 @@ inline idl_act parse_activation(c10::string_view name, double slope) {
 constexpr double kAndersonRegularization = 1e-10;
 
 inline idl_solver parse_solver(c10::string_view method, int64_t max_iter, double tol,
-                               int64_t memory) {
-    TORCH_CHECK_VALUE(max_iter >= 1, "idl: max_iter must be >= 1, got ", max_iter);
-    TORCH_CHECK_VALUE(tol >= 0.0, "idl: tol must be >= 0, got ", tol);
+                               int64_t memory, const char* max_iter_name = "max_iter",
+                               const char* tol_name = "tol") {
+    TORCH_CHECK_VALUE(max_iter >= 1, "idl: ", max_iter_name, " must be >= 1, got ", max_iter);
+    TORCH_CHECK_VALUE(tol >= 0.0 && std::isfinite(tol), "idl: ", tol_name,
+                      " must be a finite number >= 0, got ", tol);
     idl_solver solver{IDL_PICARD, max_iter, tol, memory, kAndersonRegularization};
     if (method == "anderson") {
         TORCH_CHECK_VALUE(memory >= 1 && memory <= IDL_ANDERSON_MAX_MEMORY,
@@ -121,7 +124,7 @@ inline SolveArgs check_fixed_point_args(const at::Tensor& A, const at::Tensor& C
     check_square_with(A, C0, "C0");
     const SolveArgs args{parse_activation(activation, slope),
                          parse_solver(method, max_iter, tol, memory)};
-    parse_solver(method, grad_max_iter, grad_tol, memory);
+    parse_solver(method, grad_max_iter, grad_tol, memory, "grad_max_iter", "grad_tol");
     if (X0.has_value()) {
         check_same(*X0, C0, "X0", "C0");
         TORCH_CHECK_VALUE(X0->sizes() == C0.sizes(), "idl: X0 must have shape ", C0.sizes(),

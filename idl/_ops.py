@@ -27,9 +27,9 @@ class SolveNotConverged(RuntimeError):
 def report_solve(stats, what, on_nonconvergence, sink=None):
     """Read a solve's stats tensor [iterations, residual, converged], hand it to
     ``sink`` (a callable, or None) and warn or raise if it did not converge.
-    While a graph is being traced (torch.compile, fake tensors) there is no
-    value to read yet, and nothing is reported."""
-    if torch.compiler.is_compiling() or is_fake(stats):
+    While a graph is being traced (torch.compile, fake tensors), or on the meta
+    device, there is no value to read, and nothing is reported."""
+    if torch.compiler.is_compiling() or is_fake(stats) or stats.is_meta:
         return None
     iterations, residual, converged = stats.tolist()
     record = {"iterations": int(iterations), "residual": residual, "converged": bool(converged)}
@@ -57,17 +57,60 @@ def report_solve(stats, what, on_nonconvergence, sink=None):
 backward_reporting = contextvars.ContextVar("idl_backward_reporting", default=(None, "warn"))
 
 
+# ---- fake kernels ------------------------------------------------------------
+#
+# They run for meta and fake tensors, and whenever any argument is a meta
+# tensor, so they check what the C++ glue checks (a mix of devices would
+# otherwise return uninitialised CPU memory) and return what it returns:
+# contiguous outputs, whatever the layout of the inputs.
+
+
+def _check_matrix(t, name):
+    torch._check_value(t.dim() == 2, lambda: f"idl: {name} must be a 2-D tensor, got {t.dim()}-D")
+    torch._check_type(t.dtype in (torch.float32, torch.float64),
+                      lambda: f"idl: {name} must be float32 or float64, got {t.dtype}")
+
+
+def _check_same_kind(t, ref, name, ref_name):
+    torch._check_type(t.dtype == ref.dtype,
+                      lambda: f"idl: {name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
+    torch._check_value(t.device == ref.device,
+                       lambda: f"idl: {name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def _check_same(t, ref, name, ref_name):
+    _check_same_kind(t, ref, name, ref_name)
+    torch._check_value(t.shape == ref.shape,
+                       lambda: f"idl: {name} must have shape {list(ref.shape)}, got {list(t.shape)}")
+
+
+def _check_square_with(A, rows, rows_name):
+    _check_matrix(A, "A")
+    _check_matrix(rows, rows_name)
+    _check_same_kind(rows, A, rows_name, "A")
+    torch._check_value(A.shape[0] == A.shape[1], lambda: f"idl: A must be square, got {list(A.shape)}")
+    torch._check_value(rows.shape[1] == A.shape[0], lambda: (
+        f"idl: {rows_name} must have {A.shape[0]} columns (the hidden size), got {rows.shape[1]}"))
+
+
+def _contiguous_like(t):
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 # ---- projection ------------------------------------------------------------
 
 
 @torch.library.register_fake("idl::project_linf")
 def _(A, kappa, mode):
-    return torch.empty_like(A, memory_format=torch.contiguous_format)
+    _check_matrix(A, "A")
+    return _contiguous_like(A)
 
 
 @torch.library.register_fake("idl::project_linf_backward")
 def _(grad, A, kappa, mode):
-    return torch.empty_like(A, memory_format=torch.contiguous_format)
+    _check_matrix(A, "A")
+    _check_same(grad, A, "grad", "A")
+    return _contiguous_like(A)
 
 
 def _project_setup(ctx, inputs, output):
@@ -93,12 +136,17 @@ def _stats_like(t):
 
 @torch.library.register_fake("idl::fixed_point")
 def _(A, C0, X0, activation, slope, max_iter, tol, grad_max_iter, grad_tol, method="picard", memory=5):
-    return torch.empty_like(C0), torch.empty_like(C0), _stats_like(C0)
+    _check_square_with(A, C0, "C0")
+    if X0 is not None:
+        _check_same(X0, C0, "X0", "C0")
+    return _contiguous_like(C0), _contiguous_like(C0), _stats_like(C0)
 
 
 @torch.library.register_fake("idl::fixed_point_adjoint")
 def _(A, Z, G, activation, slope, max_iter, tol, method="picard", memory=5):
-    return torch.empty_like(Z), _stats_like(Z)
+    _check_square_with(A, Z, "Z")
+    _check_same(G, Z, "G", "Z")
+    return _contiguous_like(Z), _stats_like(Z)
 
 
 def _solve_setup(ctx, inputs, output):
@@ -122,3 +170,24 @@ def _solve_backward(ctx, grad_X, _grad_Z, _grad_stats):
 
 
 torch.library.register_autograd("idl::fixed_point", _solve_backward, setup_context=_solve_setup)
+
+
+# ---- the backward ops themselves -------------------------------------------
+#
+# They are not differentiable. Saying so gives a clear error on a second
+# derivative (and keeps their kernels below autograd, where ATen's GEMM does
+# not object to inputs that require grad), where torch's fallback would warn
+# and return no gradient at all.
+
+
+def _not_differentiable(name):
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"{name} is not differentiable: idl's implicit backward is differentiable once"
+        )
+
+    return backward
+
+
+for _name in ("project_linf_backward", "fixed_point_adjoint"):
+    torch.library.register_autograd(f"idl::{_name}", _not_differentiable(f"idl::{_name}"))

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._ops import ops, report_solve
 
@@ -67,8 +68,8 @@ class SolverOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+            if not 1 <= value < 2**63:  # the compiled solve counts in int64
+                raise ValueError(f"{name} must be in [1, 2**63), got {value}")
         if self.memory > ANDERSON_MAX_MEMORY:
             raise ValueError(f"memory must be <= {ANDERSON_MAX_MEMORY}, got {self.memory}")
         for name in ("tol", "grad_tol"):
@@ -214,6 +215,7 @@ class _CustomActivationSolve(torch.autograd.Function):
         return X
 
     @staticmethod
+    @once_differentiable  # its second derivative would miss the implicit part
     def backward(ctx, grad_X):
         A, X, Z = ctx.saved_tensors
         D = ctx.dphi(Z)

@@ -118,6 +118,13 @@ def _check_positive_int(name, value, allow_zero=False):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '>= 1'}, got {value}")
 
 
+def _check_finite_float(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
 class ImplicitModel(nn.Module):
     r"""An implicit layer: Ŷ = X Cᵀ + U Dᵀ with X = φ(X Aᵀ + U Bᵀ).
 
@@ -150,6 +157,8 @@ class ImplicitModel(nn.Module):
         anderson_memory: how many past iterates Anderson mixes, 1 to 16.
 
     After a call, ``last_stats`` tells what the solves did (see SolveStats).
+    Under ``torch.autocast`` the products around the solve follow autocast,
+    and the solve itself runs in the parameters' dtype.
     """
 
     def __init__(
@@ -188,6 +197,7 @@ class ImplicitModel(nn.Module):
                 f"activation={activation!r} conflicts with f={f.__name__}, which defines its own phi"
             )
         F.check_kappa(kappa)
+        _check_finite_float("negative_slope", negative_slope)
         if projection not in F.PROJECTIONS:
             raise ValueError(f"projection must be one of {F.PROJECTIONS}, got {projection!r}")
         if is_low_rank:
@@ -266,6 +276,21 @@ class ImplicitModel(nn.Module):
         C0 = U @ self.B.t()
         if self.bias:
             C0 = C0 + self.bias_hidden
+        if not _autocasting(U):
+            return self._solve(C0, X0)
+        # The solve runs in the parameters' precision, which its tolerance
+        # needs, whatever lower precision autocast gave U and C0.
+        with torch.autocast(U.device.type, enabled=False):
+            dtype = self.B.dtype
+            return self._solve(C0.to(dtype), None if X0 is None else X0.to(dtype))
+
+    def _solve(self, C0: torch.Tensor, X0: Optional[torch.Tensor]) -> torch.Tensor:
+        if torch.compiler.is_compiling() and not self.custom_activation:
+            # A compiled graph can neither set a ContextVar nor call back into
+            # a Python sink: its solves go unreported (docs/hardening.md).
+            self.last_stats = None
+            A = self.effective_A()
+            return F.fixed_point(A, C0, X0, self.activation, self.negative_slope, self.options)
         stats = self.last_stats = SolveStats(forward={})
         sink = stats.record
         A = self.effective_A()
@@ -302,8 +327,13 @@ class ImplicitModel(nn.Module):
         return ", ".join(parts)
 
 
+def _autocasting(t: torch.Tensor) -> bool:
+    device = t.device.type
+    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+
+
 def _check_like(t: torch.Tensor, param: torch.Tensor, name: str) -> None:
-    if t.dtype != param.dtype:
+    if t.dtype != param.dtype and not (t.is_floating_point() and _autocasting(t)):
         raise TypeError(
             f"{name} has dtype {t.dtype} but the model's parameters are {param.dtype}; "
             f"convert one of them (e.g. model.to({t.dtype}))"

@@ -1,0 +1,279 @@
+"""A table of bad inputs, each answered by a clear exception that names the
+argument: never a crash, a hang, or a silently wrong result. Non-finite values
+(NaN/Inf in inputs and parameters) and solves that do not converge follow the
+non-convergence policy: a warning by default, SolveNotConverged on request,
+with iterations and residual in the message.
+
+tests/test_errors.py has the first cases for ImplicitModel; the rows here are
+new ones. Each component has its own list below: ImplicitRNN, the attention
+head and SIM add their rows to theirs.
+"""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import idl
+from idl import functional as F
+
+ARGS = dict(input_dim=3, output_dim=2, hidden_dim=4)
+
+
+def model(**kwargs):
+    return idl.ImplicitModel(**{**ARGS, **kwargs})
+
+
+def call(U, X0=None, **kwargs):
+    return lambda: model(**kwargs)(U, X0=X0)
+
+
+def solve(A, C0, X0=None, activation="relu", max_iter=10, tol=1e-6):
+    return lambda: torch.ops.idl.fixed_point(A, C0, X0, activation, 0.0, max_iter, tol, 10, 1e-6)
+
+
+U = torch.randn(2, 3)
+A4 = torch.randn(4, 4) * 0.1
+META = dict(device="meta")
+
+# (id, the bad call, exception type, words its message must contain)
+IMPLICIT_MODEL_CASES = [
+    ("kappa_nan", lambda: model(kappa=float("nan")), ValueError, "kappa"),
+    ("kappa_inf", lambda: model(kappa=float("inf")), ValueError, "kappa"),
+    ("kappa_bool", lambda: model(kappa=True), TypeError, "kappa"),
+    ("input_dim_negative", lambda: model(input_dim=-3), ValueError, "input_dim"),
+    ("output_dim_zero", lambda: model(output_dim=0), ValueError, "output_dim"),
+    ("hidden_dim_negative", lambda: model(hidden_dim=-1), ValueError, "hidden_dim"),
+    ("hidden_dim_bool", lambda: model(hidden_dim=True), TypeError, "hidden_dim"),
+    ("rank_float", lambda: model(is_low_rank=True, rank=2.0), TypeError, "rank"),
+    ("rank_negative", lambda: model(is_low_rank=True, rank=-1), ValueError, "rank"),
+    ("grad_mitr_zero", lambda: model(grad_mitr=0), ValueError, "grad_max_iter"),
+    ("mitr_beyond_int64", lambda: model(mitr=2**63), ValueError, "max_iter"),
+    ("mitr_float", lambda: model(mitr=1.5), TypeError, "max_iter"),
+    ("tol_inf", lambda: model(tol=float("inf")), ValueError, "tol"),
+    ("tol_str", lambda: model(tol="1e-3"), TypeError, "tol"),
+    ("grad_tol_negative", lambda: model(grad_tol=-1.0), ValueError, "grad_tol"),
+    ("negative_slope_nan", lambda: model(activation="leaky_relu", negative_slope=float("nan")),
+     ValueError, "negative_slope"),
+    ("negative_slope_str", lambda: model(activation="leaky_relu", negative_slope="0.1"),
+     TypeError, "negative_slope"),
+    ("f_instance", lambda: model(f=idl.ImplicitFunctionInf()), TypeError, "f must be"),
+    ("activation_none", lambda: model(activation=None), ValueError, "activation"),
+    ("projection_none", lambda: model(projection=None), ValueError, "projection"),
+    ("U_numpy", call(U.numpy()), TypeError, "U must be a torch.Tensor"),
+    ("U_scalar", call(torch.tensor(1.0)), ValueError, "U must have shape"),
+    ("U_no_features", call(torch.zeros(2, 0)), ValueError, "input_dim=3"),
+    ("U_flattens_wrong", call(torch.zeros(2, 2, 2)), ValueError, "input_dim=3"),
+    ("U_complex", call(U.to(torch.complex64)), TypeError, "U has dtype"),
+    ("half_model", lambda: model().half()(U.half()), TypeError, "float32 or float64"),
+    ("X0_list", call(U, X0=[[0.0] * 4] * 2), TypeError, "X0"),
+    ("X0_meta", call(U, X0=torch.zeros(2, 4, **META)), ValueError, "X0 is on meta"),
+    ("X0_int", call(U, X0=torch.zeros(2, 4, dtype=torch.int64)), TypeError, "X0 has dtype"),
+    ("X0_transposed_shape", call(U, X0=torch.zeros(4, 2)), ValueError, "X0 must have shape"),
+    ("X0_vector", call(U, X0=torch.zeros(4)), ValueError, "X0 must have shape"),
+]
+
+OPS_CASES = [
+    ("project_3d", lambda: idl.project_linf(torch.randn(2, 2, 2), 0.5), ValueError, "A must be a 2-D"),
+    ("project_int", lambda: idl.project_linf(torch.ones(2, 2, dtype=torch.int32), 0.5),
+     TypeError, "A must be float32 or float64"),
+    ("project_kappa_nan", lambda: idl.project_linf(A4, float("nan")), ValueError, "kappa"),
+    ("project_mode_case", lambda: idl.project_linf(A4, 0.5, "EXACT"), ValueError, "projection"),
+    ("project_op_kappa", lambda: torch.ops.idl.project_linf(A4, 1.5, "exact"), ValueError, "kappa"),
+    ("project_backward_shape",
+     lambda: torch.ops.idl.project_linf_backward(torch.ones(3, 3), A4, 0.5, "exact"),
+     ValueError, "grad must have the shape"),
+    ("project_backward_meta_grad",
+     lambda: torch.ops.idl.project_linf_backward(torch.ones(4, 4, **META), A4, 0.5, "exact"),
+     ValueError, "grad is on meta"),
+    ("solve_X0_meta", solve(A4, torch.randn(2, 4), X0=torch.zeros(2, 4, **META)),
+     ValueError, "X0 is on meta"),
+    ("solve_A_meta", solve(A4.to("meta"), torch.randn(2, 4)), ValueError, "is on"),
+    ("solve_meta_columns", solve(A4.to("meta"), torch.randn(2, 3, **META)), ValueError, "columns"),
+    ("solve_activation_case", solve(A4, torch.randn(2, 4), activation="ReLU"),
+     ValueError, "unknown activation"),
+    ("solve_tol_nan", solve(A4, torch.randn(2, 4), tol=float("nan")), ValueError, "tol"),
+    ("adjoint_G_shape",
+     lambda: torch.ops.idl.fixed_point_adjoint(A4, torch.randn(2, 4), torch.randn(3, 4), "relu",
+                                               0.0, 10, 1e-6),
+     ValueError, "G must have shape"),
+    ("adjoint_Z_meta",
+     lambda: torch.ops.idl.fixed_point_adjoint(A4, torch.randn(2, 4, **META), torch.randn(2, 4),
+                                               "relu", 0.0, 10, 1e-6),
+     ValueError, "is on"),
+    ("options_policy", lambda: F.SolverOptions(on_nonconvergence="error"), ValueError, "on_nonconvergence"),
+    ("options_bool_iterations", lambda: F.SolverOptions(max_iter=True), TypeError, "max_iter"),
+]
+
+# Rows for the components being written alongside: same format.
+IMPLICIT_RNN_CASES = []
+ATTENTION_CASES = []
+SIM_CASES = []
+
+CASES = IMPLICIT_MODEL_CASES + OPS_CASES + IMPLICIT_RNN_CASES + ATTENTION_CASES + SIM_CASES
+
+
+def test_the_table_is_large_and_its_rows_distinct():
+    assert len(CASES) >= 20
+    assert len({case[0] for case in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("bad_call, error, words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_raises_a_clear_error(bad_call, error, words):
+    with pytest.raises(error, match=words):
+        bad_call()
+
+
+def test_sizes_whose_parameters_cannot_exist_raise_instead_of_crashing():
+    with pytest.raises(RuntimeError, match="overflow"):
+        model(hidden_dim=10**12)
+    with pytest.raises(RuntimeError, match="overflow"):
+        model(input_dim=2**62)
+
+
+# ---- non-finite values: warned about by default, raised on request ------------
+
+
+def poisoned(name, index, value, **kwargs):
+    """A model whose parameter `name` holds `value` at `index`."""
+    m = model(**kwargs)
+    with torch.no_grad():
+        getattr(m, name)[index] = value
+    return m
+
+
+NAN, INF = float("nan"), float("inf")
+
+# (id, the model's settings, a function (settings) -> output)
+NON_FINITE_CASES = [
+    ("U_inf", {}, lambda s: model(**s)(torch.tensor([[1.0, INF, 0.0]]))),
+    ("U_nan_python_activation", {"f": None},
+     lambda s: model(**s)(torch.tensor([[1.0, NAN, 0.0]]))),
+    ("A_nan", {}, lambda s: poisoned("A", (0, 0), NAN, **s)(U)),
+    ("A_inf", {}, lambda s: poisoned("A", (1, 2), INF, **s)(U)),
+    ("A_inf_scale_projection", {"projection": "scale"}, lambda s: poisoned("A", (1, 2), INF, **s)(U)),
+    ("L_nan_low_rank", {"is_low_rank": True, "rank": 2},
+     lambda s: poisoned("L", (0, 1), NAN, **s)(U)),
+    ("B_nan", {}, lambda s: poisoned("B", (0, 0), NAN, **s)(U)),
+    ("bias_hidden_inf", {"bias": True}, lambda s: poisoned("bias_hidden", 2, INF, **s)(U)),
+    ("X0_nan", {}, lambda s: model(**s)(U, X0=torch.full((2, 4), NAN))),
+]
+
+
+class Softsign(idl.ImplicitFunctionInf):
+    @staticmethod
+    def phi(X):
+        return X / (1 + X.abs())
+
+    @staticmethod
+    def dphi(X):
+        return 1 / (1 + X.abs()) ** 2
+
+
+def settings_of(case_settings, policy):
+    settings = {**case_settings, "on_nonconvergence": policy}
+    if "f" in settings:
+        settings["f"] = Softsign
+    return settings
+
+
+@pytest.mark.parametrize("settings, run", [c[1:] for c in NON_FINITE_CASES],
+                         ids=[c[0] for c in NON_FINITE_CASES])
+def test_non_finite_values_warn_by_default(settings, run):
+    with pytest.warns(idl.ImplicitFunctionWarning, match=r"NaN or Inf.*iterations=1, residual="):
+        run(settings_of(settings, "warn"))
+
+
+@pytest.mark.parametrize("settings, run", [c[1:] for c in NON_FINITE_CASES],
+                         ids=[c[0] for c in NON_FINITE_CASES])
+def test_non_finite_values_raise_on_request(settings, run):
+    with pytest.raises(idl.SolveNotConverged, match=r"NaN or Inf.*iterations=1, residual="):
+        run(settings_of(settings, "raise"))
+
+
+@pytest.mark.parametrize("policy", ["warn", "raise"])
+def test_non_finite_gradient_is_reported_by_the_backward_solve(policy):
+    m = model(on_nonconvergence=policy, activation="tanh")
+    out = m(U)
+    grad = torch.full_like(out, NAN)
+    if policy == "warn":
+        with pytest.warns(idl.ImplicitFunctionWarning, match=r"backward.*NaN or Inf.*iterations=1"):
+            out.backward(grad)
+    else:
+        with pytest.raises(idl.SolveNotConverged, match=r"backward.*NaN or Inf.*iterations=1"):
+            out.backward(grad)
+    assert m.last_stats.backward["converged"] is False
+
+
+# ---- the non-convergence policy -------------------------------------------------
+
+
+def slow_model(f=idl.ImplicitFunctionInf, **kwargs):
+    """A model whose solves contract slowly (at rate 0.9): a few iterations
+    leave a large residual."""
+    torch.manual_seed(0)
+    activation = "identity" if f is idl.ImplicitFunctionInf else "relu"
+    m = model(f=f, kappa=0.9, activation=activation, **kwargs)
+    with torch.no_grad():
+        m.A.copy_(torch.full((4, 4), 1.0))  # projected to rows of 0.9 / 4
+    return m
+
+
+@pytest.mark.parametrize("f", [idl.ImplicitFunctionInf, Softsign], ids=["compiled", "python"])
+def test_forward_limit_raises_with_iterations_and_residual(f):
+    m = slow_model(f=f, mitr=5, tol=1e-12, on_nonconvergence="raise")
+    with pytest.raises(idl.SolveNotConverged, match=r"forward.*limit.*iterations=5, residual=\d"):
+        m(U)
+    assert m.last_stats.forward == dict(m.last_stats.forward, iterations=5, converged=False)
+    assert m.last_stats.forward["residual"] > 1e-12
+
+
+@pytest.mark.parametrize("f", [idl.ImplicitFunctionInf, Softsign], ids=["compiled", "python"])
+def test_backward_limit_raises_with_iterations_and_residual(f):
+    m = slow_model(f=f, mitr=5000, tol=1e-12, grad_mitr=3, grad_tol=1e-12, on_nonconvergence="raise")
+    out = m(U)
+    assert m.last_stats.forward["converged"]
+    with pytest.raises(idl.SolveNotConverged, match=r"backward.*limit.*iterations=3, residual=\d"):
+        out.sum().backward()
+    assert m.last_stats.backward["iterations"] == 3 and not m.last_stats.backward["converged"]
+
+
+def test_the_warning_is_a_runtime_warning_users_can_filter_or_escalate():
+    m = slow_model(mitr=5, tol=1e-12)
+    assert issubclass(idl.ImplicitFunctionWarning, RuntimeWarning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", idl.ImplicitFunctionWarning)
+        with pytest.raises(idl.ImplicitFunctionWarning, match="iterations=5"):
+            m(U)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", idl.ImplicitFunctionWarning)
+        out = m(U)  # the result of the last iteration, still returned
+    assert torch.isfinite(out).all()
+
+
+def test_a_converged_solve_is_silent():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = model(on_nonconvergence="raise")
+        m(U).sum().backward()
+    assert m.last_stats.forward["converged"] and m.last_stats.backward["converged"]
+
+
+def test_an_unconverged_result_is_never_passed_off_as_converged():
+    """Whatever the policy, the stats say what happened."""
+    for policy in ("warn", "raise"):
+        m = slow_model(mitr=2, tol=0.0, on_nonconvergence=policy)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", idl.ImplicitFunctionWarning)
+            try:
+                m(U)
+            except idl.SolveNotConverged:
+                pass
+        assert m.last_stats.forward["converged"] is False
+
+
+def test_numpy_scalars_are_fine_settings():
+    """Not everything unusual is an error: numpy floats and ints work."""
+    m = model(kappa=np.float64(0.5), tol=np.float64(1e-6), negative_slope=np.float64(0.1),
+              activation="leaky_relu")
+    assert m(U).shape == (2, 2)
