@@ -13,31 +13,39 @@ G = Q diag(e) Qᵀ is diagonalised once, so every W-update is two GEMMs whatever
 for exact matching it is the projection onto the least-squares solution set,
 where the eigen-directions of G with e > 0 are fixed by the data and the others
 follow V. Each row has its own ρ, rebalanced from its primal and dual residuals
-(Boyd et al. 2011, §3.4.1), so rows are independent problems: the result does
+(Boyd et al. 2011, §3.4.1) at ever sparser iterations, so rows are independent problems: the result does
 not depend on which rows are solved together. The returned rows are V, which
 satisfy the ball constraint exactly.
 
 A row stops when its duality gap is <= rtol times its objective (regularized
 problem with l1 or ridge > 0), else when both relative residuals are <= rtol.
 """
+import math
+
 import torch
 
 from .._progress import progress_bar
 from .._prox_ops import prox_l1_ball
 from .rows import ActiveRows, RowProblem, RowSolve, certifiable
 
-# Every this many iterations: ρ is rebalanced, the duality gap is checked.
+# Every this many iterations the rows are checked for convergence, and ρ may
+# be rebalanced: by RHO_STEP when one residual is RHO_RATIO times the other,
 CHECK_EVERY = 10
-# ρ changes by RHO_STEP when one residual is RHO_RATIO times the other.
 RHO_RATIO = 10.0
 RHO_STEP = 2.0
+# ... at iterations spaced by this growing factor.
+RHO_SPACING = 1.5
 
 
 def default_rho(eigenvalues: torch.Tensor) -> float:
-    """A starting ρ: 1e-3 of the largest eigenvalue of G (the rebalancing
-    moves each row's ρ from there)."""
+    """A starting ρ: the geometric mean of G's eigenvalues above 1e-10 of the
+    largest (for a quadratic, ρ near sqrt(e_min·e_max) is the classic best
+    choice); the rebalancing moves each row's ρ from there."""
     top = eigenvalues.max().item() if eigenvalues.numel() else 0.0
-    return 1e-3 * top if top > 0 else 1.0
+    if top <= 0:
+        return 1.0
+    kept = eigenvalues[eigenvalues > 1e-10 * top]
+    return math.exp(kept.log().mean().item())
 
 
 class _LinearStep:
@@ -87,7 +95,7 @@ def admm(problem: RowProblem, rtol: float, max_iter: int, rho=None, exact: bool 
         target_sq=problem.target_sq, rho=V.new_full((rows, 1), rho0),
         scale=_norm(problem.cross),
     )
-    iteration = 0
+    iteration, next_rebalance = 0, CHECK_EVERY
     with progress_bar(total=max_iter, desc=desc, progress=progress) as bar:
         while iteration < max_iter and len(active):
             iteration += 1
@@ -106,7 +114,9 @@ def admm(problem: RowProblem, rtol: float, max_iter: int, rho=None, exact: bool 
             else:
                 size = torch.maximum(_norm(W), _norm(V)).clamp_min(tiny)
                 done = (primal_res <= rtol * size) & (dual_res <= rtol * active.scale)
-            if adaptive_rho:
+            if adaptive_rho and iteration >= next_rebalance:
+                # Ever sparser: ADMM converges for a fixed ρ, not a ρ that keeps moving.
+                next_rebalance = CHECK_EVERY * math.ceil(RHO_SPACING * iteration / CHECK_EVERY)
                 factor = torch.where(primal_res > RHO_RATIO * dual_res, RHO_STEP,
                                      torch.where(dual_res > RHO_RATIO * primal_res, 1 / RHO_STEP, 1.0))
                 # The scaled dual Λ = y/ρ is rescaled to keep the dual y.
