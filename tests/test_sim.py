@@ -11,22 +11,18 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import idl
-from idl.sim import SIM, States, capture_states, load_states, save_states
+from idl.sim import SIM, States, balance_hidden_norms, capture_states, load_states, save_states
 from idl.sim.solvers import BaseSolver, BatchedProxSolver, CVXSolver, LeastSquareSolver
 
 
 def relu_teacher(sizes, seed=0, hidden_norm=0.8):
-    """A bias-free ReLU network whose hidden-to-hidden layers have
+    """A random bias-free ReLU network whose hidden-to-hidden layers have
     ||W||_inf = hidden_norm, so an exact well-posed implicit embedding exists."""
     torch.manual_seed(seed)
     layers = []
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        linear = nn.Linear(fan_in, fan_out, bias=False)
-        if 0 < i < len(sizes) - 2:
-            with torch.no_grad():
-                linear.weight.mul_(hidden_norm / torch.linalg.matrix_norm(linear.weight, ord=math.inf))
-        layers += [linear, nn.ReLU()]
-    return nn.Sequential(*layers[:-1])
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(fan_in, fan_out, bias=False), nn.ReLU()]
+    return balance_hidden_norms(nn.Sequential(*layers[:-1]), hidden_norm)
 
 
 def loader(U, labels=None, batch_size=64):
@@ -172,6 +168,26 @@ def test_bad_states_file_and_states(tmp_path):
         States(U=torch.zeros(3, 2), X=X, Z=X, Y=torch.zeros(4, 1))
     with pytest.raises(ValueError, match="layer_sizes"):
         States(U=torch.zeros(4, 2), X=X, Z=X, Y=torch.zeros(4, 1), layer_sizes=[2, 2])
+
+
+def test_balance_hidden_norms_keeps_the_function():
+    torch.manual_seed(9)
+    net = nn.Sequential(nn.Linear(5, 6, bias=False), nn.ReLU(), nn.Linear(6, 4, bias=False),
+                        nn.LeakyReLU(0.1), nn.Linear(4, 3, bias=False), nn.ReLU(),
+                        nn.Linear(3, 2, bias=False)).double()
+    U = torch.randn(20, 5, dtype=torch.float64)
+    with torch.no_grad():
+        before = net(U)
+        balance_hidden_norms(net, 0.7)
+        torch.testing.assert_close(net(U), before)
+    for index in (2, 4):
+        assert torch.linalg.matrix_norm(net[index].weight, ord=math.inf).item() == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="bias"):
+        balance_hidden_norms(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="homogeneous"):
+        balance_hidden_norms(nn.Sequential(nn.Linear(2, 2, bias=False), nn.Tanh()))
+    with pytest.raises(TypeError, match="Sequential"):
+        balance_hidden_norms(nn.Linear(2, 2))
 
 
 # ---- the SIM module ------------------------------------------------------------------
@@ -354,9 +370,8 @@ def test_bad_train_calls():
 
 def digits_teacher():
     """A 64-64-32-16-10 bias-free ReLU network trained on 70% of digits, then
-    rescaled without changing its function (ReLU is positively homogeneous):
-    hidden-to-hidden layers to ||W||_inf = 0.9, the product of the factors
-    pushed into the output layer, so a well-posed exact embedding exists."""
+    rescaled without changing its function (balance_hidden_norms), so that a
+    well-posed exact embedding exists."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -374,16 +389,8 @@ def digits_teacher():
         optimizer.zero_grad()
         F.cross_entropy(net(U[train]), labels[train]).backward()
         optimizer.step()
-    linears = [m for m in net if isinstance(m, nn.Linear)]
-    total = 1.0
-    with torch.no_grad():
-        for linear in linears[1:-1]:
-            factor = 0.9 / torch.linalg.matrix_norm(linear.weight, ord=math.inf).item()
-            linear.weight.mul_(factor)
-            total *= factor
-        linears[-1].weight.div_(total)
     dataset = TensorDataset(U, labels)
-    return net, Subset(dataset, train.tolist()), Subset(dataset, test.tolist())
+    return balance_hidden_norms(net, 0.9), Subset(dataset, train.tolist()), Subset(dataset, test.tolist())
 
 
 @pytest.mark.slow

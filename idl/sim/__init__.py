@@ -12,7 +12,16 @@ states of a trained explicit network with a convex solver.
 Progress and results are logged on the ``idl.sim`` logger.
 """
 from . import _prox_ops  # noqa: F401  (fake kernel of idl::prox_l1_ball)
+from .rescale import balance_hidden_norms
 from .sim import SIM
 from .states import ACTIVATION_TYPES, States, capture_states, load_states, save_states
 
-__all__ = ["ACTIVATION_TYPES", "SIM", "States", "capture_states", "load_states", "save_states"]
+__all__ = [
+    "ACTIVATION_TYPES",
+    "SIM",
+    "States",
+    "balance_hidden_norms",
+    "capture_states",
+    "load_states",
+    "save_states",
+]
