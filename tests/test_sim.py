@@ -106,6 +106,15 @@ def test_skip_layers_keeps_the_last_activation_of_each_block():
     assert len(capture_states(net, data, skip_layers=10, progress=False).layer_sizes) == 8
 
 
+def test_in_place_activation_keeps_its_pre_activation():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3, bias=False), nn.ReLU(inplace=True), nn.Linear(3, 2, bias=False))
+    U = torch.randn(10, 4)
+    states = capture_states(net, loader(U), progress=False)
+    torch.testing.assert_close(states.Z, U @ net[0].weight.t().detach())
+    torch.testing.assert_close(states.X, torch.relu(states.Z))
+
+
 def test_an_activation_module_called_twice_is_two_layers():
     class Shared(nn.Module):
         def __init__(self):

@@ -159,28 +159,38 @@ def hooked_activations(model: nn.Module, skip_layers: Optional[int] = None) -> L
 
 
 class _Recorder:
-    """Forward hooks that record (input, output) of each activation call, in
-    call order. A module called twice records two layers."""
+    """Hooks that record (input, output) of each activation call, in call
+    order; a module called twice records two layers. The input is copied by a
+    pre-hook, before the call: an in-place activation (nn.ReLU(inplace=True))
+    overwrites it."""
 
     def __init__(self):
         self.pre, self.post = [], []
+        self._inputs = {}
 
-    def __call__(self, module, inputs, output):
-        if not isinstance(output, torch.Tensor) or not inputs:
-            return
-        if inputs[0].shape == output.shape:
-            self.pre.append(inputs[0].detach().flatten(1))
+    def before(self, module, inputs):
+        if inputs and isinstance(inputs[0], torch.Tensor):
+            self._inputs[id(module)] = inputs[0].detach().clone()
+
+    def after(self, module, inputs, output):
+        pre = self._inputs.pop(id(module), None)
+        if pre is not None and isinstance(output, torch.Tensor) and pre.shape == output.shape:
+            self.pre.append(pre.flatten(1))
             self.post.append(output.detach().flatten(1))
 
     def clear(self):
         self.pre.clear()
         self.post.clear()
+        self._inputs.clear()
 
 
 @contextmanager
 def _recording(modules):
     recorder = _Recorder()
-    handles = [module.register_forward_hook(recorder) for module in modules]
+    handles = []
+    for module in modules:
+        handles.append(module.register_forward_pre_hook(recorder.before))
+        handles.append(module.register_forward_hook(recorder.after))
     try:
         yield recorder
     finally:
