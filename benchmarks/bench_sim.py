@@ -7,7 +7,7 @@ so that an exact well-posed embedding exists. States are captured once; each
 solver is timed on ``sim.train(solver, states_data_path=...)`` (solve and model
 construction; capture excluded), median of --repeats runs (CVXSolver: --cvx-repeats).
 
-    PYTHONPATH=. python benchmarks/bench_sim.py [--threads 1] [--repeats 5]
+    PYTHONPATH=. python benchmarks/bench_sim.py [--threads 1] [--repeats 5] [--cvx-repeats 1]
 """
 import argparse
 import logging
@@ -73,15 +73,15 @@ def run(name, make_solver, path, test_loader, states, repeats):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: cvxpy's solvers are single-threaded)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cvx-repeats", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=150, help="teacher training epochs")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.ERROR)
 
     teacher, train, test = digits_teacher(args.epochs, args.seed)
     test_loader = DataLoader(test, batch_size=len(test))
@@ -92,6 +92,9 @@ def main():
         save_states(states, path)
         rows = [
             run("BatchedProxSolver (ADMM, default)", lambda: BatchedProxSolver(progress=False),
+                path, test_loader, states, args.repeats),
+            run("BatchedProxSolver (ADMM, rtol=1e-8)",
+                lambda: BatchedProxSolver(rtol=1e-8, max_iter=5000, progress=False),
                 path, test_loader, states, args.repeats),
             run("BatchedProxSolver (FISTA)", lambda: BatchedProxSolver(method="fista", progress=False),
                 path, test_loader, states, args.repeats),

@@ -329,3 +329,40 @@ def test_two_gloo_processes_give_the_same_weights(tmp_path):
         *random_states(seed=14, n=7), CONFIG64)
     for a, b in zip(split, single):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+# ---- the duality-gap certificate of the batched solvers -------------------------
+
+
+@pytest.mark.parametrize("ridge", [0.0, 0.3])
+def test_duality_gap_bounds_the_suboptimality(ridge):
+    """For any W the gap is >= P(W) − P*, and it vanishes at the optimum."""
+    from idl.sim.solvers.rows import RowProblem
+
+    X, U, Z, _ = random_states(seed=15)
+    F = torch.cat([X, U], 1)
+    l1 = 0.05
+    options = dict(lambda_z=l1 + ridge, lambda_y=l1 + ridge)
+    if ridge:
+        options.update(elastic_net=True, l1_ratio=l1 / (l1 + ridge))
+    A, B, _, _ = cvx_reference((X, U, Z, Z[:, :1]), **options)
+    W_best = torch.from_numpy(np.hstack([A, B]))
+    problem = RowProblem.from_data(F, Z, l1, ridge, X.shape[1], KAPPA)
+
+    def per_row_objective(W):
+        residual = Z - F @ W.t()
+        return (0.5 * residual.square().sum(0) + l1 * W.abs().sum(1)
+                + 0.5 * ridge * W.square().sum(1))
+
+    def gap(W):
+        return problem.duality_gap(W, W @ problem.gram, problem.cross, problem.target_sq)
+
+    best = per_row_objective(W_best)
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.01, 0.3, 1.0):
+        W = W_best + scale * torch.randn(W_best.shape, generator=g, dtype=torch.float64)
+        W[:, : X.shape[1]] = torch.from_numpy(np.stack(
+            [row if np.abs(row).sum() <= KAPPA else row * KAPPA / np.abs(row).sum()
+             for row in W[:, : X.shape[1]].numpy()]))
+        assert torch.all(gap(W) >= per_row_objective(W) - best - 1e-9)
+    assert torch.all(gap(W_best) <= 1e-6 * problem.target_sq)

@@ -15,7 +15,7 @@ from .rows import RowProblem
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("auto", "admm", "fista")
+METHODS = ("admm", "fista")
 
 
 class BatchedProxSolver(StagedSolver):
@@ -49,9 +49,10 @@ class BatchedProxSolver(StagedSolver):
             what the implicit model will produce. Default False.
         tol: after solving, entries of magnitude <= tol are set to exactly 0.
             Default 1e-6.
-        method: ``"admm"`` (G diagonalised once; robust to the singular,
-            badly conditioned Gram matrices SIM produces), ``"fista"``
-            (proximal gradient, step 1/L), or ``"auto"`` (default: ADMM).
+        method: ``"admm"`` (default; G diagonalised once, robust to the
+            singular, badly conditioned Gram matrices SIM produces) or
+            ``"fista"`` (proximal gradient, step 1/L; one GEMM per iteration,
+            fine on well-conditioned problems, slow on SIM's usual ones).
         rtol: stopping tolerance. A row stops once its duality gap is
             <= rtol·‖t_i‖² (the convention of scikit-learn's Lasso) or, with
             neither l1 nor ridge, once its first-order residuals are <= rtol
@@ -83,7 +84,7 @@ class BatchedProxSolver(StagedSolver):
         well_pose: bool = True,
         regen_states: bool = False,
         tol: float = 1e-6,
-        method: str = "auto",
+        method: str = "admm",
         rtol: float = 1e-6,
         max_iter: int = 2000,
         rho: Optional[float] = None,
@@ -104,7 +105,7 @@ class BatchedProxSolver(StagedSolver):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if method == "fista" and not regularized:
-            raise ValueError("exact matching (regularized=False) needs method='admm' or 'auto'")
+            raise ValueError("exact matching (regularized=False) needs method='admm'")
         check_positive_int("max_iter", max_iter)
         if rho is not None:
             check_nonnegative("rho", rho)
@@ -153,7 +154,7 @@ class BatchedProxSolver(StagedSolver):
 
     def _solve_block(self, problem: RowProblem, stage: Stage) -> torch.Tensor:
         max_iter, rho = self.stage_settings(stage)
-        method = "admm" if self.method == "auto" else self.method
+        method = self.method
         desc = f"SIM {stage.name} ({method})"
         if method == "admm":
             result = admm(problem, self.rtol, max_iter, rho=rho, exact=not self.regularized,

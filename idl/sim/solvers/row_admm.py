@@ -12,13 +12,15 @@ G = Q diag(e) Qᵀ is diagonalised once, so every W-update is two GEMMs whatever
 ρ is: W = ((H + ρ(V − Λ)) Q) / (e + ridge + ρ) Qᵀ for the regularized problem;
 for exact matching it is the projection onto the least-squares solution set,
 where the eigen-directions of G with e > 0 are fixed by the data and the others
-follow V. Each row has its own ρ, rebalanced from its primal and dual residuals
-(Boyd et al. 2011, §3.4.1) at ever sparser iterations, so rows are independent problems: the result does
-not depend on which rows are solved together. The returned rows are V, which
-satisfy the ball constraint exactly.
+follow V. Each row has its own ρ, rebalanced from its primal and dual
+residuals (Boyd et al. 2011, §3.4.1) at ever sparser iterations, so rows are
+independent problems: the result does not depend on which rows are solved
+together. The returned rows are V, which satisfy the ball constraint exactly.
 
-A row stops when its duality gap is <= rtol times its objective (regularized
-problem with l1 or ridge > 0), else when both relative residuals are <= rtol.
+A row stops when its duality gap (rows.RowProblem.duality_gap) is
+<= rtol·‖t_i‖² (regularized problem with l1 or ridge > 0), else when its
+primal residual ‖W − V‖ is <= rtol relative to ‖W‖, ‖V‖ and its dual residual
+ρ‖ΔV‖ is <= rtol·‖h_i‖.
 """
 import math
 
@@ -109,7 +111,7 @@ def admm(problem: RowProblem, rtol: float, max_iter: int, rho=None, exact: bool 
                 continue
             primal_res, dual_res = _norm(W - V), rho.squeeze(1) * _norm(V - V_old)
             if use_gap:
-                objective, gap = problem.duality_gap(V, V @ problem.gram, active.cross, active.target_sq)
+                gap = problem.duality_gap(V, V @ problem.gram, active.cross, active.target_sq)
                 done = gap <= rtol * active.target_sq
             else:
                 size = torch.maximum(_norm(W), _norm(V)).clamp_min(tiny)

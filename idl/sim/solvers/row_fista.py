@@ -5,8 +5,8 @@ the compiled prox (soft-threshold, then projection of the A part onto the l1
 ball). Step 1/L with L the largest eigenvalue of G (+ ridge). Momentum restarts
 per row when it points uphill (O'Donoghue & Candès 2015, gradient scheme),
 which recovers linear convergence on strongly convex rows. A row stops, and
-leaves the batch, once its duality gap is <= rtol times its objective (with l1
-or ridge > 0), else once its gradient mapping L·‖prox(y − ∇f(y)/L) − y‖ is
+leaves the batch, once its duality gap is <= rtol·‖t_i‖² (with l1 or
+ridge > 0), else once its gradient mapping L·‖prox(y − ∇f(y)/L) − y‖ is
 <= rtol·‖h_i‖ (‖h_i‖ = ‖∇f(0)‖ of that row).
 
 FISTA needs about sqrt(L/μ) iterations per digit of accuracy; SIM's Gram
@@ -63,7 +63,7 @@ def fista(problem: RowProblem, rtol: float, max_iter: int, progress=None, desc="
             if iteration % CHECK_EVERY and iteration < max_iter:
                 continue
             if use_gap:
-                objective, gap = problem.duality_gap(new, new @ problem.gram, active.cross,
+                gap = problem.duality_gap(new, new @ problem.gram, active.cross,
                                                      active.target_sq)
                 done = gap <= rtol * active.target_sq
             else:

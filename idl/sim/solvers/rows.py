@@ -52,9 +52,9 @@ class RowProblem:
         return grad.add_(W, alpha=self.ridge) if self.ridge else grad
 
     def duality_gap(self, W, WG, cross, target_sq):
-        """(primal objective, duality gap) per row of the regularized problem
-        at W, given WG = W G and the rows' slices of ``cross`` and
-        ``target_sq``. The gap bounds how far the objective is from optimal.
+        """The duality gap per row of the regularized problem at W, given
+        WG = W G and the rows' slices of ``cross`` and ``target_sq``: a bound
+        on how far the row's objective is from its optimum.
 
         The dual (Fenchel, θ = −s·r for the residual r = t − F w) is
         D(s) = −½s²‖r‖² + s rᵀt − g*(s Fᵀr), with g = l1‖·‖₁ + ½ridge‖·‖² +
@@ -75,7 +75,7 @@ class RowProblem:
         else:
             dual = self._best_scaled_dual(residual_sq, residual_dot_target, correlation)
         floor = 16 * torch.finfo(W.dtype).eps * (wq.abs() + 2 * wh.abs() + target_sq)
-        return primal, (primal - dual - floor).clamp_min(0)
+        return (primal - dual - floor).clamp_min(0)
 
     def _ball_cols(self) -> int:
         return self.ball_cols if math.isfinite(self.radius) else 0
