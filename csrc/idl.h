@@ -132,6 +132,24 @@ idl_stats idl_adjoint_f64(int64_t m, int64_t n, idl_matmul matmul_a,
                           const double *z, const double *g, idl_act act,
                           idl_solver solver, double *v, void *workspace);
 
+/* ---- SIM: prox of l1 plus an l1-ball constraint (csrc/cpu/prox.c) ------- */
+
+/* out (rows x cols, contiguous) = the prox of
+ *     t_i * ||w||_1 + indicator(||w[:ball_cols]||_1 <= radius)
+ * applied to each row w of `w` (row stride ldw), t_i = threshold[i *
+ * threshold_stride] (stride 0: one threshold for all rows): every entry is
+ * soft-thresholded by t_i, then the first `ball_cols` entries are projected
+ * onto the l1 ball of `radius` (a radius of INFINITY, or ball_cols = 0, means
+ * no ball). `scratch` holds at least `ball_cols` values. */
+void idl_prox_l1_ball_f32(int64_t rows, int64_t cols, const float *w,
+                          int64_t ldw, const float *threshold,
+                          int64_t threshold_stride, double radius,
+                          int64_t ball_cols, float *out, float *scratch);
+void idl_prox_l1_ball_f64(int64_t rows, int64_t cols, const double *w,
+                          int64_t ldw, const double *threshold,
+                          int64_t threshold_stride, double radius,
+                          int64_t ball_cols, double *out, double *scratch);
+
 #ifdef __cplusplus
 }
 #endif

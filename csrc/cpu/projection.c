@@ -8,12 +8,14 @@
 
 #define REAL float
 #define SUFFIX f32
+#include "l1_ball.inc"
 #include "projection.inc"
 #undef REAL
 #undef SUFFIX
 
 #define REAL double
 #define SUFFIX f64
+#include "l1_ball.inc"
 #include "projection.inc"
 #undef REAL
 #undef SUFFIX

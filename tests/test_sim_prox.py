@@ -1,0 +1,139 @@
+"""idl::prox_l1_ball, the row-wise prox of SIM's batched solvers, against
+independent references (NumPy in float64, and cvxpy for the prox of the sum),
+and the l1-ball projection it shares with idl::project_linf."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import idl
+from idl.sim import _prox_ops
+from idl.sim._prox_ops import prox_l1_ball
+
+cp = pytest.importorskip("cvxpy")
+
+
+def l1_ball_reference(v, radius):
+    """Euclidean projection of a vector onto {||x||_1 <= radius}: sort-based
+    (Duchi et al. 2008), written here independently of the library."""
+    if np.abs(v).sum() <= radius:
+        return v.copy()
+    if radius == 0:
+        return np.zeros_like(v)
+    u = np.sort(np.abs(v))[::-1]
+    cumulative = np.cumsum(u)
+    k = np.arange(1, len(u) + 1)
+    rho = np.nonzero(u * k > cumulative - radius)[0][-1]
+    theta = (cumulative[rho] - radius) / (rho + 1)
+    return np.sign(v) * np.maximum(np.abs(v) - theta, 0)
+
+
+def prox_reference(W, thresholds, radius, ball_cols):
+    out = np.sign(W) * np.maximum(np.abs(W) - thresholds[:, None], 0)
+    if ball_cols and math.isfinite(radius):
+        for i in range(out.shape[0]):
+            out[i, :ball_cols] = l1_ball_reference(out[i, :ball_cols], radius)
+    return out
+
+
+CASES = [
+    # rows, cols, ball_cols, radius
+    (7, 12, 5, 0.7),
+    (3, 9, 9, 0.2),     # the whole row is the A part
+    (5, 8, 0, 0.5),     # no ball: soft-threshold only
+    (4, 6, 3, math.inf),
+    (6, 10, 4, 0.0),    # radius 0: the A part vanishes
+    (0, 5, 2, 1.0),     # no rows
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows,cols,ball_cols,radius", CASES)
+def test_matches_reference(rows, cols, ball_cols, radius, dtype):
+    generator = torch.Generator().manual_seed(rows * 100 + cols)
+    W = torch.randn(rows, cols, generator=generator, dtype=torch.float64)
+    thresholds = torch.rand(rows, generator=generator, dtype=torch.float64) * 0.3
+    expected = prox_reference(W.numpy(), thresholds.numpy(), radius, ball_cols)
+    got = prox_l1_ball(W.to(dtype), thresholds.to(dtype), radius, ball_cols)
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-6
+    np.testing.assert_allclose(got.double().numpy(), expected, atol=tolerance, rtol=0)
+    if ball_cols and math.isfinite(radius) and rows:
+        row_sums = got[:, :ball_cols].abs().sum(dim=1, dtype=torch.float64)
+        assert row_sums.max().item() <= radius * (1 + 4 * torch.finfo(dtype).eps) + 1e-300
+
+
+def test_scalar_threshold_applies_to_every_row():
+    W = torch.randn(5, 7, dtype=torch.float64)
+    got = prox_l1_ball(W, 0.25, 0.8, 4)
+    expected = prox_reference(W.numpy(), np.full(5, 0.25), 0.8, 4)
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-12)
+
+
+def test_strided_input():
+    W = torch.randn(6, 16, dtype=torch.float64)[:, ::2]
+    got = prox_l1_ball(W, 0.1, 0.5, 3)
+    np.testing.assert_allclose(got.numpy(), prox_reference(W.numpy(), np.full(6, 0.1), 0.5, 3), atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_is_the_prox_of_the_sum(seed):
+    """Soft-threshold then project is exactly argmin ½‖x − v‖² + t‖x‖₁ with
+    ‖x_A‖₁ <= r, solved here by cvxpy."""
+    rng = np.random.default_rng(seed)
+    cols, ball_cols, t, r = 10, 6, 0.15, 0.6
+    v = rng.standard_normal(cols)
+    x = cp.Variable(cols)
+    objective = 0.5 * cp.sum_squares(x - v) + t * cp.norm1(x)
+    cp.Problem(cp.Minimize(objective), [cp.norm1(x[:ball_cols]) <= r]).solve(
+        solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+    got = prox_l1_ball(torch.from_numpy(v)[None], t, r, ball_cols)[0].numpy()
+    np.testing.assert_allclose(got, x.value, atol=1e-7)
+
+
+def test_torch_fallback_matches_compiled_kernel():
+    """The path for devices without a compiled kernel, run here on CPU."""
+    W = torch.randn(9, 11, dtype=torch.float64)
+    thresholds = torch.rand(9, dtype=torch.float64) * 0.2
+    for ball_cols, radius in ((5, 0.4), (0, 1.0), (11, 0.0), (4, math.inf)):
+        compiled = torch.ops.idl.prox_l1_ball(W, thresholds, radius, ball_cols)
+        fallback = _prox_ops._prox_torch(W, thresholds, radius, ball_cols)
+        torch.testing.assert_close(fallback, compiled, rtol=0, atol=1e-12)
+
+
+def test_opcheck():
+    W = torch.randn(6, 9, dtype=torch.float64)
+    thresholds = torch.full((6,), 0.1, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.idl.prox_l1_ball, (W, thresholds, 0.5, 4))
+    torch.library.opcheck(torch.ops.idl.prox_l1_ball, (W.float(), thresholds.float(), math.inf, 0))
+
+
+@pytest.mark.parametrize(
+    "args,error,match",
+    [
+        ((torch.randn(3), torch.zeros(3), 1.0, 0), ValueError, "2-D"),
+        ((torch.ones(3, 4, dtype=torch.int64), torch.zeros(3, dtype=torch.int64), 1.0, 0), TypeError, "float32 or float64"),
+        ((torch.randn(3, 4), torch.zeros(2), 1.0, 0), ValueError, "one entry per row"),
+        ((torch.randn(3, 4), torch.zeros(3, dtype=torch.float64), 1.0, 0), TypeError, "dtype"),
+        ((torch.randn(3, 4), torch.full((3,), -1.0), 1.0, 0), ValueError, "finite numbers >= 0"),
+        ((torch.randn(3, 4), torch.zeros(3), -1.0, 2), ValueError, "radius"),
+        ((torch.randn(3, 4), torch.zeros(3), 1.0, 5), ValueError, "ball_cols"),
+        ((torch.randn(3, 4), torch.zeros(3), 1.0, -1), ValueError, "ball_cols"),
+    ],
+)
+def test_bad_input(args, error, match):
+    with pytest.raises(error, match=match):
+        torch.ops.idl.prox_l1_ball(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_projection_still_exact_after_sharing_the_row_code(dtype):
+    """idl::project_linf uses the same l1-ball row functions (l1_ball.inc)."""
+    A = torch.randn(8, 13, dtype=torch.float64) * 0.3
+    A[0] *= 0.01  # a row already inside the ball
+    kappa = 0.9
+    got = idl.project_linf(A.to(dtype), kappa)
+    expected = np.stack([l1_ball_reference(row, kappa) for row in A.numpy()])
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-6
+    np.testing.assert_allclose(got.double().numpy(), expected, atol=tolerance)
+    assert torch.equal(got[0], A[0].to(dtype))
