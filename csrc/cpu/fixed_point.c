@@ -9,7 +9,7 @@
 #include "generic.h"
 
 /* Elements below which a pass over the working rows stays on one thread. */
-#define IDL_PARALLEL_MIN_WORK 32768
+#define IDL_PARALLEL_MIN_WORK 8192
 #define IDL_ANDERSON_MAX_RESTARTS 8
 
 static int64_t anderson_memory(idl_solver solver)
