@@ -5,8 +5,8 @@ non-convergence policy: a warning by default, SolveNotConverged on request,
 with iterations and residual in the message.
 
 tests/test_errors.py has the first cases for ImplicitModel; the rows here are
-new ones. Each component has its own list below: ImplicitRNN, the attention
-head and SIM add their rows to theirs.
+new ones. Each component has its own list below: ImplicitModel, the ops,
+ImplicitRNN, the attention head and SIM.
 """
 import warnings
 
@@ -21,6 +21,8 @@ ARGS = dict(input_dim=3, output_dim=2, hidden_dim=4)
 
 
 def model(**kwargs):
+    # seeded: whether an infinite input reaches X through relu depends on signs in B
+    torch.manual_seed(0)
     return idl.ImplicitModel(**{**ARGS, **kwargs})
 
 
@@ -105,10 +107,58 @@ OPS_CASES = [
     ("options_bool_iterations", lambda: F.SolverOptions(max_iter=True), TypeError, "max_iter"),
 ]
 
-# Rows for the components being written alongside: same format.
-IMPLICIT_RNN_CASES = []
-ATTENTION_CASES = []
-SIM_CASES = []
+def rnn(**kwargs):
+    return idl.ImplicitRNN(**{**dict(input_dim=1, output_dim=1, hidden_dim=3, implicit_hidden_dim=4), **kwargs})
+
+
+def head(**kwargs):
+    return idl.ImplicitAttentionHead(**{**dict(n_embd=4, head_size=2, block_size=5), **kwargs})
+
+
+def sim(**kwargs):
+    from idl.sim import SIM
+
+    return SIM(**kwargs)
+
+
+SEQ = torch.randn(2, 3, 1)
+TOKENS = torch.randn(2, 3, 4)
+
+IMPLICIT_RNN_CASES = [
+    ("rnn_x_2d", lambda: rnn()(torch.randn(2, 3)), ValueError, "x must have shape"),
+    ("rnn_x_wrong_features", lambda: rnn()(torch.randn(2, 3, 2)), ValueError, "input_dim=1"),
+    ("rnn_x_no_steps", lambda: rnn()(torch.randn(2, 0, 1)), ValueError, "seq_len"),
+    ("rnn_x_float64", lambda: rnn()(SEQ.double()), TypeError, "dtype"),
+    ("rnn_h0_shape", lambda: rnn()(SEQ, torch.zeros(2, 4)), ValueError, "h0"),
+    ("rnn_hidden_zero", lambda: rnn(hidden_dim=0), ValueError, "hidden_dim"),
+    ("rnn_kappa_out_of_range", lambda: rnn(kappa=1.5), ValueError, "kappa"),
+    ("rnn_rank_above_hidden", lambda: rnn(is_low_rank=True, rank=9), ValueError, "rank"),
+]
+ATTENTION_CASES = [
+    ("head_tokens_too_long", lambda: head()(torch.randn(2, 6, 4)), ValueError, "block_size"),
+    ("head_wrong_embedding", lambda: head()(torch.randn(2, 3, 5)), ValueError, "n_embd"),
+    ("head_x_2d", lambda: head()(torch.randn(3, 4)), ValueError, "x must have shape"),
+    ("head_x_list", lambda: head()([[0.0] * 4]), TypeError, "torch.Tensor"),
+    ("head_attention_unknown", lambda: head(attention="linear"), ValueError, "attention"),
+    ("head_feedback_unknown", lambda: head(feedback="some"), ValueError, "feedback"),
+    ("head_solver_unknown", lambda: head(solver="newton"), ValueError, "solver"),
+    ("head_kappa_zero", lambda: head(kappa=0.0), ValueError, "kappa"),
+    ("head_size_zero", lambda: head(head_size=0), ValueError, "head_size"),
+    ("multihead_indivisible", lambda: idl.ImplicitMultiHeadAttention(5, 2, 4), ValueError, "divisible"),
+]
+SIM_CASES = [
+    ("sim_kappa_above_one", lambda: sim(kappa=1.01), ValueError, "kappa"),
+    ("sim_atol_negative", lambda: sim(atol=-1.0), ValueError, "atol"),
+    ("sim_activation_not_callable", lambda: sim(activation_fn="relu"), TypeError, "activation_fn"),
+    ("sim_skip_layers_negative", lambda: sim(skip_layers=-1), ValueError, "skip_layers"),
+    ("sim_dtype_integer", lambda: sim(dtype=torch.int32), TypeError, "dtype"),
+    ("sim_max_iter_zero", lambda: sim(max_iter=0), ValueError, "max_iter"),
+    ("sim_not_fitted", lambda: sim()(torch.randn(2, 3)), RuntimeError, "not fitted"),
+    ("sim_solver_wrong_type", lambda: sim().train(solver="cvx", model=torch.nn.ReLU(), dataloader=[]),
+     TypeError, "solver"),
+    ("sim_model_without_loader", lambda: sim().train(model=torch.nn.Sequential(torch.nn.ReLU())),
+     ValueError, "dataloader"),
+]
 
 CASES = IMPLICIT_MODEL_CASES + OPS_CASES + IMPLICIT_RNN_CASES + ATTENTION_CASES + SIM_CASES
 
