@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import idl
+from custom_activations import Softsign
 from idl import functional as F
 
 ARGS = dict(input_dim=3, output_dim=2, hidden_dim=4)
@@ -208,16 +209,6 @@ NON_FINITE_CASES = [
     ("bias_hidden_inf", {"bias": True}, lambda s: poisoned("bias_hidden", 2, INF, **s)(U)),
     ("X0_nan", {}, lambda s: model(**s)(U, X0=torch.full((2, 4), NAN))),
 ]
-
-
-class Softsign(idl.ImplicitFunctionInf):
-    @staticmethod
-    def phi(X):
-        return X / (1 + X.abs())
-
-    @staticmethod
-    def dphi(X):
-        return 1 / (1 + X.abs()) ** 2
 
 
 def settings_of(case_settings, policy):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import idl
+from custom_activations import Softsign
 
 # A few idl layers with different settings between ordinary layers, so one
 # compilation covers projection modes, low rank, biases and activations.
@@ -131,16 +132,6 @@ def test_python_activation_is_refused_by_fullgraph_not_miscompiled():
     """A user phi/dphi runs a data-dependent Python loop: fullgraph=True must
     fail loudly rather than trace something else."""
     torch._dynamo.reset()
-
-    class Softsign(idl.ImplicitFunctionInf):
-        @staticmethod
-        def phi(X):
-            return X / (1 + X.abs())
-
-        @staticmethod
-        def dphi(X):
-            return 1 / (1 + X.abs()) ** 2
-
     model = idl.ImplicitModel(3, 2, 4, f=Softsign)
     with pytest.raises(torch._dynamo.exc.Unsupported):
         torch.compile(model, backend="aot_eager", fullgraph=True)(torch.randn(2, 3))

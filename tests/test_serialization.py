@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import idl
+from custom_activations import Softsign
 
 VARIANTS = {
     "default": dict(),
@@ -17,18 +18,6 @@ VARIANTS = {
     "no_D_triu": dict(no_D=True, f=idl.ImplicitFunctionTriu, activation="leaky_relu"),
 }
 ARGS = dict(input_dim=5, output_dim=3, hidden_dim=6, tol=1e-10, grad_tol=1e-10)
-
-
-class Softsign(idl.ImplicitFunctionInf):
-    """A Python activation; module level, so that pickle can find it."""
-
-    @staticmethod
-    def phi(X):
-        return X / (1 + X.abs())
-
-    @staticmethod
-    def dphi(X):
-        return 1 / (1 + X.abs()) ** 2
 
 
 def make(seed, **kwargs):

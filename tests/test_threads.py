@@ -7,18 +7,9 @@ import warnings
 import torch
 
 import idl
+from custom_activations import Softsign
 
 ROUNDS = 8
-
-
-class Softsign(idl.ImplicitFunctionInf):
-    @staticmethod
-    def phi(X):
-        return X / (1 + X.abs())
-
-    @staticmethod
-    def dphi(X):
-        return 1 / (1 + X.abs()) ** 2
 
 
 SETTINGS = [
