@@ -206,6 +206,8 @@ class ImplicitModel(nn.Module):
             _check_positive_int("rank", rank)
             if rank > hidden_dim:
                 raise ValueError(f"rank must be <= hidden_dim={hidden_dim}, got {rank}")
+        _check_positive_int("mitr", mitr)  # named as the user wrote them; SolverOptions
+        _check_positive_int("grad_mitr", grad_mitr)  # checks the rest
         self.options = F.SolverOptions(
             mitr, tol, grad_mitr, grad_tol, on_nonconvergence, method=solver, memory=anderson_memory
         )

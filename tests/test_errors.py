@@ -20,7 +20,7 @@ ARGS = dict(input_dim=3, output_dim=2, hidden_dim=4)
         (dict(is_low_rank=True, rank=0), ValueError, "rank"),
         (dict(hidden_dim=0), ValueError, "hidden_dim"),
         (dict(input_dim=2.5), TypeError, "input_dim"),
-        (dict(mitr=0), ValueError, "max_iter"),
+        (dict(mitr=0), ValueError, "mitr"),
         (dict(tol=-1e-3), ValueError, "tol"),
         (dict(grad_tol=float("nan")), ValueError, "grad_tol"),
         (dict(activation="gelu"), ValueError, "activation"),
