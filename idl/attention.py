@@ -28,7 +28,14 @@ from torch.autograd.function import once_differentiable
 
 from . import functional as F
 from ._ops import report_solve
-from .implicit import ImplicitFunctionInf, SolveStats, _check_like, _check_positive_int, merge_stats
+from .implicit import (
+    ImplicitFunctionInf,
+    SolveStats,
+    _check_like,
+    _check_positive_int,
+    check_well_posedness,
+    merge_stats,
+)
 
 ATTENTIONS = ("softmax", "lipschitz")
 FEEDBACKS = ("values", "full")
@@ -220,16 +227,8 @@ class ImplicitAttentionHead(nn.Module):
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         if feedback not in FEEDBACKS:
             raise ValueError(f"feedback must be one of {FEEDBACKS}, got {feedback!r}")
-        F.check_kappa(kappa)
-        if projection not in F.PROJECTIONS:
-            raise ValueError(f"projection must be one of {F.PROJECTIONS}, got {projection!r}")
         rows, width = 3 * head_size, 4 * head_size
-        if is_low_rank:
-            if rank is None:
-                raise ValueError("rank is required when is_low_rank=True")
-            _check_positive_int("rank", rank)
-            if rank > rows:
-                raise ValueError(f"rank must be <= 3 * head_size = {rows}, got {rank}")
+        check_well_posedness(kappa, projection, is_low_rank, rank, rows, f"3 * head_size = {rows}")
         self.options = F.SolverOptions(mitr, tol, grad_mitr, grad_tol, on_nonconvergence, method=solver)
         self.n_embd, self.head_size, self.block_size = n_embd, head_size, block_size
         self.attention, self.feedback, self.bias = attention, feedback, bias

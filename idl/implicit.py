@@ -118,6 +118,21 @@ def _check_positive_int(name, value, allow_zero=False):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '>= 1'}, got {value}")
 
 
+def check_well_posedness(kappa, projection, is_low_rank, rank, max_rank, max_rank_text):
+    """Checks the settings that keep A well-posed (shared by every implicit
+    layer): kappa in (0, 1], a known projection, and with is_low_rank a rank
+    in [1, max_rank] (``max_rank_text`` says in the message what bounds it)."""
+    F.check_kappa(kappa)
+    if projection not in F.PROJECTIONS:
+        raise ValueError(f"projection must be one of {F.PROJECTIONS}, got {projection!r}")
+    if is_low_rank:
+        if rank is None:
+            raise ValueError("rank is required when is_low_rank=True")
+        _check_positive_int("rank", rank)
+        if rank > max_rank:
+            raise ValueError(f"rank must be <= {max_rank_text}, got {rank}")
+
+
 def _check_finite_float(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
@@ -196,16 +211,8 @@ class ImplicitModel(nn.Module):
             raise ValueError(
                 f"activation={activation!r} conflicts with f={f.__name__}, which defines its own phi"
             )
-        F.check_kappa(kappa)
+        check_well_posedness(kappa, projection, is_low_rank, rank, hidden_dim, f"hidden_dim={hidden_dim}")
         _check_finite_float("negative_slope", negative_slope)
-        if projection not in F.PROJECTIONS:
-            raise ValueError(f"projection must be one of {F.PROJECTIONS}, got {projection!r}")
-        if is_low_rank:
-            if rank is None:
-                raise ValueError("rank is required when is_low_rank=True")
-            _check_positive_int("rank", rank)
-            if rank > hidden_dim:
-                raise ValueError(f"rank must be <= hidden_dim={hidden_dim}, got {rank}")
         _check_positive_int("mitr", mitr)  # named as the user wrote them; SolverOptions
         _check_positive_int("grad_mitr", grad_mitr)  # checks the rest
         self.options = F.SolverOptions(
