@@ -80,7 +80,7 @@ static int affine_weights(int64_t k, double *system, double *weights)
 #include "activation.inc"
 #include "anderson.inc"
 #include "fixed_point.inc"
-#undef IDL_TRACK
+#undef IDL_ROW_PASS
 #undef REAL
 #undef SUFFIX
 
@@ -89,6 +89,6 @@ static int affine_weights(int64_t k, double *system, double *weights)
 #include "activation.inc"
 #include "anderson.inc"
 #include "fixed_point.inc"
-#undef IDL_TRACK
+#undef IDL_ROW_PASS
 #undef REAL
 #undef SUFFIX

@@ -19,7 +19,7 @@ inline unsigned blocks_for(int64_t count, int64_t per_block) {
 }
 
 // The larger of a and b, NaN if either is NaN: a NaN residual must win every
-// comparison so that a solve notices it (same rule as IDL_TRACK in C).
+// comparison so that a solve notices it (same rule as IDL_ROW_PASS in C).
 template <typename T>
 __device__ __forceinline__ T nan_max(T a, T b) {
     return (b > a || b != b) ? b : a;
