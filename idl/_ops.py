@@ -24,6 +24,12 @@ class SolveNotConverged(RuntimeError):
     an error rather than a warning (``on_nonconvergence="raise"``)."""
 
 
+def stats_record(values):
+    """The record {iterations, residual, converged} of a solve's stats values."""
+    iterations, residual, converged = values
+    return {"iterations": int(iterations), "residual": residual, "converged": bool(converged)}
+
+
 def report_solve(stats, what, on_nonconvergence, sink=None):
     """Read a solve's stats tensor [iterations, residual, converged], hand it to
     ``sink`` (a callable, or None) and warn or raise if it did not converge.
@@ -31,8 +37,8 @@ def report_solve(stats, what, on_nonconvergence, sink=None):
     device, there is no value to read, and nothing is reported."""
     if torch.compiler.is_compiling() or is_fake(stats) or stats.is_meta:
         return None
-    iterations, residual, converged = stats.tolist()
-    record = {"iterations": int(iterations), "residual": residual, "converged": bool(converged)}
+    record = stats_record(stats.tolist())
+    residual = record["residual"]
     if sink is not None:
         sink(what, record)
     if not record["converged"]:
@@ -170,6 +176,22 @@ def _solve_backward(ctx, grad_X, _grad_Z, _grad_stats):
 
 
 torch.library.register_autograd("idl::fixed_point", _solve_backward, setup_context=_solve_setup)
+
+
+# ---- the whole layer (csrc/implicit_layer.cpp) ------------------------------
+#
+# Its autograd is in C++; a backward solve that does not converge is handed
+# back here, to warn or raise with idl's own classes.
+
+_lib = torch.library.Library("idl", "FRAGMENT")
+_lib.define("report_nonconvergence(Tensor stats, str what, str policy) -> ()")
+
+
+def _report_nonconvergence(stats, what, policy):
+    report_solve(stats, what, policy)
+
+
+_lib.impl("report_nonconvergence", _report_nonconvergence, "CompositeExplicitAutograd")
 
 
 # ---- the backward ops themselves -------------------------------------------

@@ -1,14 +1,13 @@
 """Implicit functions (how A is kept well-posed, which activation) and
 ImplicitModel, the drop-in nn.Module."""
 import math
-from dataclasses import dataclass
 from typing import Optional, Type
 
 import torch
 from torch import nn
 
 from . import functional as F
-from ._ops import backward_reporting
+from ._ops import backward_reporting, ops, report_solve, stats_record
 
 
 class ImplicitFunction:
@@ -77,19 +76,43 @@ class ImplicitFunctionTriu(ImplicitFunction):
         return torch.triu(A, diagonal=1)
 
 
-@dataclass
 class SolveStats:
     """What the last solves of a model did. ``forward`` and ``backward`` hold
     ``iterations``, ``residual`` (the largest final per-sample residual) and
-    ``converged``; ``backward`` is None until a backward pass has run."""
+    ``converged``; ``backward`` is None until a backward pass has run.
 
-    forward: dict
-    backward: Optional[dict] = None
+    ``backward_report`` is where a compiled backward (idl::implicit_layer)
+    writes its stats [iterations, residual, converged], NaN until it has run."""
+
+    def __init__(self, forward: dict, backward: Optional[dict] = None,
+                 backward_report: Optional[torch.Tensor] = None) -> None:
+        self.forward = forward
+        self._backward = backward
+        self._backward_report = backward_report
+
+    @property
+    def backward(self) -> Optional[dict]:
+        if self._backward is None and self._backward_report is not None:
+            values = self._backward_report.tolist()
+            if not math.isnan(values[0]):
+                self._backward = stats_record(values)
+        return self._backward
 
     def record(self, what: str, record: dict) -> None:
         """Keep the record of the ``"forward"`` or ``"backward"`` solve (the
         ``sink`` that the solves report to)."""
-        setattr(self, what, record)
+        if what == "forward":
+            self.forward = record
+        else:
+            self._backward = record
+
+    def __repr__(self) -> str:
+        return f"SolveStats(forward={self.forward}, backward={self.backward})"
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, SolveStats):
+            return NotImplemented
+        return (self.forward, self.backward) == (other.forward, other.backward)
 
 
 def merge_stats(records: list) -> Optional[SolveStats]:
@@ -281,7 +304,9 @@ class ImplicitModel(nn.Module):
 
     def implicit_state(self, U: torch.Tensor, X0: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The equilibrium X (batch, hidden_dim) for input U (differentiable)."""
-        U = self._check_input(U, X0)
+        return self._state(self._check_input(U, X0), X0)
+
+    def _state(self, U: torch.Tensor, X0: Optional[torch.Tensor]) -> torch.Tensor:
         C0 = U @ self.B.t()
         if self.bias:
             C0 = C0 + self.bias_hidden
@@ -322,7 +347,44 @@ class ImplicitModel(nn.Module):
         return Y
 
     def forward(self, U: torch.Tensor, X0: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.readout(U, self.implicit_state(U, X0))
+        U = self._check_input(U, X0)
+        well_posed = self._compiled_well_posed(U)
+        if well_posed is None:
+            return self.readout(U, self._state(U, X0))
+        return self._compiled_forward(U, X0, well_posed)
+
+    def _compiled_well_posed(self, U: torch.Tensor) -> Optional[str]:
+        """How idl::implicit_layer is to make A well-posed ("none", "triu",
+        "exact" or "scale"), or None where the layer is not one it computes:
+        a Python activation, a user's own well_posed, low rank, autocast."""
+        if self.custom_activation or self.is_low_rank or _autocasting(U):
+            return None
+        own = self.f.well_posed.__func__
+        if own is ImplicitFunctionInf.well_posed.__func__:
+            return self.projection
+        if own is ImplicitFunctionTriu.well_posed.__func__:
+            return "triu"
+        return "none" if own is ImplicitFunction.well_posed.__func__ else None
+
+    def _compiled_forward(self, U, X0, well_posed):
+        """The whole forward as one op, with its backward in C++: at small
+        sizes, per-op overhead would otherwise be most of a training step."""
+        # A compiled graph cannot read stats: its solves go unreported.
+        compiling = torch.compiler.is_compiling()
+        report = None if compiling else torch.full((3,), math.nan, dtype=torch.float64)
+        options = self.options
+        Y, stats = ops.implicit_layer(
+            U, self.A, self.B, self.C, None if self.no_D else self.D,
+            self.bias_hidden if self.bias else None, self.bias_out if self.bias else None, X0,
+            well_posed, self.kappa, self.activation, self.negative_slope, *options.forward_args(),
+            options.on_nonconvergence, report,
+        )
+        if compiling:
+            self.last_stats = None
+        else:
+            self.last_stats = SolveStats(forward={}, backward_report=report)
+            report_solve(stats, "forward", options.on_nonconvergence, self.last_stats.record)
+        return Y
 
     def extra_repr(self) -> str:
         parts = [
