@@ -37,7 +37,11 @@ SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"] if flag("
 # OpenMP parallelises the row passes of the solves; the extension then shares
 # the libgomp.so.1 that torch itself loads.
 OPENMP = ["-fopenmp"]
-C_FLAGS = ["-std=c11", "-Wall", "-Wextra", "-fPIC", *OPENMP, *OPT, *SANITIZE]
+# As torch itself is built: no errno from math functions, and no trapping
+# floating point, without which GCC keeps the float -> double row passes of the
+# projection scalar (and branchy).
+FLOAT_MATH = ["-fno-math-errno", "-fno-trapping-math"]
+C_FLAGS = ["-std=c11", "-Wall", "-Wextra", "-fPIC", *FLOAT_MATH, *OPENMP, *OPT, *SANITIZE]
 CXX_FLAGS = ["-std=c++17", "-Wall", *OPT, *SANITIZE]
 # torch adds its own -gencode flags (from TORCH_CUDA_ARCH_LIST, else the local
 # GPUs) only when none are given, so these defaults step aside for the variable.

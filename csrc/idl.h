@@ -47,25 +47,24 @@ typedef enum {
     IDL_PROJECT_SCALE = 1  /* A * kappa / ||A||_inf when ||A||_inf > kappa   */
 } idl_projection;
 
-/* out (rows x cols, contiguous) = projection of a (row stride lda).
- * `scratch` holds at least `cols` values. */
+/* out (rows x cols, contiguous) = projection of a (row stride lda). */
 void idl_project_linf_f32(idl_projection mode, int64_t rows, int64_t cols,
                           const float *a, int64_t lda, double kappa,
-                          float *out, float *scratch);
+                          float *out);
 void idl_project_linf_f64(idl_projection mode, int64_t rows, int64_t cols,
                           const double *a, int64_t lda, double kappa,
-                          double *out, double *scratch);
+                          double *out);
 
 /* grad_a (contiguous) = J(a)^T grad, the vector-Jacobian product of the
- * projection at a. `scratch` holds at least `cols` values. */
+ * projection at a. */
 void idl_project_linf_backward_f32(idl_projection mode, int64_t rows,
                                    int64_t cols, const float *a, int64_t lda,
                                    double kappa, const float *grad,
-                                   float *grad_a, float *scratch);
+                                   float *grad_a);
 void idl_project_linf_backward_f64(idl_projection mode, int64_t rows,
                                    int64_t cols, const double *a, int64_t lda,
                                    double kappa, const double *grad,
-                                   double *grad_a, double *scratch);
+                                   double *grad_a);
 
 /* ---- fixed-point solves --------------------------------------------------- */
 
@@ -140,15 +139,15 @@ idl_stats idl_adjoint_f64(int64_t m, int64_t n, idl_matmul matmul_a,
  * threshold_stride] (stride 0: one threshold for all rows): every entry is
  * soft-thresholded by t_i, then the first `ball_cols` entries are projected
  * onto the l1 ball of `radius` (a radius of INFINITY, or ball_cols = 0, means
- * no ball). `scratch` holds at least `ball_cols` values. */
+ * no ball). */
 void idl_prox_l1_ball_f32(int64_t rows, int64_t cols, const float *w,
                           int64_t ldw, const float *threshold,
                           int64_t threshold_stride, double radius,
-                          int64_t ball_cols, float *out, float *scratch);
+                          int64_t ball_cols, float *out);
 void idl_prox_l1_ball_f64(int64_t rows, int64_t cols, const double *w,
                           int64_t ldw, const double *threshold,
                           int64_t threshold_stride, double radius,
-                          int64_t ball_cols, double *out, double *scratch);
+                          int64_t ball_cols, double *out);
 
 #ifdef __cplusplus
 }

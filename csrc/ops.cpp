@@ -56,11 +56,9 @@ at::Tensor project_linf_cpu(const at::Tensor& A, double kappa, c10::string_view 
     const auto how = check_project_args(A, kappa, mode);
     auto a = A.contiguous();
     auto out = at::empty_like(a);
-    auto scratch = at::empty({a.size(1)}, a.options());
     AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "idl::project_linf", [&] {
         Kernels<scalar_t>::project(how, a.size(0), a.size(1), a.const_data_ptr<scalar_t>(),
-                                   a.stride(0), kappa, out.data_ptr<scalar_t>(),
-                                   scratch.data_ptr<scalar_t>());
+                                   a.stride(0), kappa, out.data_ptr<scalar_t>());
     });
     return out;
 }
@@ -71,11 +69,10 @@ at::Tensor project_linf_backward_cpu(const at::Tensor& grad, const at::Tensor& A
     auto a = A.contiguous();
     auto g = grad.contiguous();
     auto out = at::empty_like(a);
-    auto scratch = at::empty({a.size(1)}, a.options());
     AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "idl::project_linf_backward", [&] {
-        Kernels<scalar_t>::project_backward(
-            how, a.size(0), a.size(1), a.const_data_ptr<scalar_t>(), a.stride(0), kappa,
-            g.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), scratch.data_ptr<scalar_t>());
+        Kernels<scalar_t>::project_backward(how, a.size(0), a.size(1),
+                                            a.const_data_ptr<scalar_t>(), a.stride(0), kappa,
+                                            g.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
     });
     return out;
 }

@@ -63,11 +63,9 @@ at::Tensor prox_l1_ball_cpu(const at::Tensor& W, const at::Tensor& threshold, do
         scalar_t* dst = out.data_ptr<scalar_t>();
         const int64_t ldw = w.stride(0);
         at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-            auto scratch = at::empty({std::max<int64_t>(ball_cols, 1)}, w.options());
             ProxKernel<scalar_t>::run(end - begin, cols, src + begin * ldw, ldw,
                                       thresholds + begin * threshold_stride, threshold_stride,
-                                      radius, ball_cols, dst + begin * cols,
-                                      scratch.data_ptr<scalar_t>());
+                                      radius, ball_cols, dst + begin * cols);
         });
     });
     return out;
