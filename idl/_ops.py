@@ -35,7 +35,8 @@ def report_solve(stats, what, on_nonconvergence, sink=None):
     ``sink`` (a callable, or None) and warn or raise if it did not converge.
     While a graph is being traced (torch.compile, fake tensors), or on the meta
     device, there is no value to read, and nothing is reported."""
-    if torch.compiler.is_compiling() or is_fake(stats) or stats.is_meta:
+    traced = type(stats) is not torch.Tensor and is_fake(stats)  # (is_fake is slow)
+    if torch.compiler.is_compiling() or traced or stats.is_meta:
         return None
     record = stats_record(stats.tolist())
     residual = record["residual"]

@@ -373,17 +373,18 @@ class ImplicitModel(nn.Module):
         compiling = torch.compiler.is_compiling()
         report = None if compiling else torch.full((3,), math.nan, dtype=torch.float64)
         options = self.options
+        params = self._parameters  # what self.A etc. look up, the long way round
         Y, stats = ops.implicit_layer(
-            U, self.A, self.B, self.C, None if self.no_D else self.D,
-            self.bias_hidden if self.bias else None, self.bias_out if self.bias else None, X0,
-            well_posed, self.kappa, self.activation, self.negative_slope, *options.forward_args(),
-            options.on_nonconvergence, report,
+            U, params["A"], params["B"], params["C"], None if self.no_D else params["D"],
+            params["bias_hidden"] if self.bias else None, params["bias_out"] if self.bias else None,
+            X0, well_posed, self.kappa, self.activation, self.negative_slope,
+            *options.forward_args(), options.on_nonconvergence, report,
         )
-        if compiling:
-            self.last_stats = None
-        else:
-            self.last_stats = SolveStats(forward={}, backward_report=report)
-            report_solve(stats, "forward", options.on_nonconvergence, self.last_stats.record)
+        stats_now = None if compiling else SolveStats(forward={}, backward_report=report)
+        # a plain attribute: nn.Module.__setattr__ would look for a parameter first
+        self.__dict__["last_stats"] = stats_now
+        if stats_now is not None:
+            report_solve(stats, "forward", options.on_nonconvergence, stats_now.record)
         return Y
 
     def extra_repr(self) -> str:
@@ -399,6 +400,8 @@ class ImplicitModel(nn.Module):
 
 
 def _autocasting(t: torch.Tensor) -> bool:
+    if not torch._C._is_any_autocast_enabled():  # the common case, quickly
+        return False
     device = t.device.type
     return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
 
