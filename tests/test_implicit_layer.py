@@ -1,0 +1,153 @@
+"""idl::implicit_layer, the whole ImplicitModel forward as one op with its
+backward in C++: against the float64 reference and the composition of the
+single ops, opcheck, gradcheck, its stats report and its argument checks."""
+import math
+
+import pytest
+import torch
+
+import idl
+from reference import picard, project_rows_l1, project_scale
+
+ops = torch.ops.idl
+SOLVER = (5000, 1e-13, 5000, 1e-13, "picard", 5)  # max_iter, tol, grad_max_iter, grad_tol, method, memory
+N, P, Q, M = 5, 3, 2, 4  # hidden, input, output, batch
+
+
+def layer_inputs(seed=0, D=True, bias=True, X0=False, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+
+    def t(*shape, scale=1.0):
+        x = scale * torch.randn(*shape, generator=g, dtype=torch.float64)
+        return x.requires_grad_(requires_grad)
+
+    return dict(
+        U=t(M, P), A=t(N, N, scale=0.8), B=t(N, P), C=t(Q, N),
+        D=t(Q, P) if D else None, bias_hidden=t(N) if bias else None,
+        bias_out=t(Q) if bias else None,
+        X0=torch.randn(M, N, generator=g, dtype=torch.float64) if X0 else None,
+    )
+
+
+def call(inputs, well_posed="exact", activation="tanh", kappa=0.9, report=None, policy="warn"):
+    i = inputs
+    return ops.implicit_layer(i["U"], i["A"], i["B"], i["C"], i["D"], i["bias_hidden"], i["bias_out"],
+                              i["X0"], well_posed, kappa, activation, 0.1, *SOLVER, policy, report)
+
+
+def reference(inputs, well_posed, activation, kappa=0.9):
+    i = {k: (v.detach() if v is not None else None) for k, v in inputs.items()}
+    A = {"none": lambda A: A, "triu": lambda A: torch.triu(A, 1),
+         "exact": lambda A: project_rows_l1(A, kappa), "scale": lambda A: project_scale(A, kappa)}[well_posed](i["A"])
+    C0 = i["U"] @ i["B"].T + (0 if i["bias_hidden"] is None else i["bias_hidden"])
+    X = picard(A, C0, activation, slope=0.1)
+    Y = X @ i["C"].T + (0 if i["D"] is None else i["U"] @ i["D"].T)
+    return Y + (0 if i["bias_out"] is None else i["bias_out"])
+
+
+WELL_POSED = ["none", "triu", "exact", "scale"]
+
+
+@pytest.mark.parametrize("well_posed", WELL_POSED)
+@pytest.mark.parametrize("activation", ["tanh", "leaky_relu"])
+def test_output_matches_reference(well_posed, activation):
+    inputs = layer_inputs()
+    if well_posed == "none":  # A as is must be a contraction on its own
+        inputs["A"] = project_rows_l1(inputs["A"].detach(), 0.8).requires_grad_()
+    Y, stats = call(inputs, well_posed, activation)
+    torch.testing.assert_close(Y, reference(inputs, well_posed, activation), atol=1e-11, rtol=0)
+    assert stats[2] == 1.0 and stats[1] <= 1e-13
+
+
+@pytest.mark.parametrize("well_posed", WELL_POSED)
+@pytest.mark.parametrize("optional", ["all", "no_D", "no_bias", "X0"])
+def test_gradcheck(well_posed, optional):
+    inputs = layer_inputs(D=optional != "no_D", bias=optional != "no_bias", X0=optional == "X0")
+    if well_posed == "none":
+        inputs["A"] = project_rows_l1(inputs["A"].detach(), 0.8).requires_grad_()
+    names = [k for k, v in inputs.items() if v is not None and v.requires_grad]
+
+    def f(*tensors):
+        return call({**inputs, **dict(zip(names, tensors))}, well_posed)[0]
+
+    assert torch.autograd.gradcheck(f, tuple(inputs[k] for k in names))
+
+
+def test_gradients_only_for_inputs_that_need_them():
+    inputs = layer_inputs(requires_grad=False)
+    inputs["C"].requires_grad_()
+    call(inputs)[0].sum().backward()
+    assert inputs["C"].grad is not None
+    assert all(inputs[k].grad is None for k in ("U", "A", "B", "D", "bias_hidden", "bias_out"))
+
+
+@pytest.mark.parametrize("optional", ["all", "none_given"])
+def test_opcheck(optional):
+    inputs = layer_inputs(D=optional == "all", bias=optional == "all", X0=optional == "all")
+    i = inputs
+    args = (i["U"], i["A"], i["B"], i["C"], i["D"], i["bias_hidden"], i["bias_out"], i["X0"],
+            "exact", 0.9, "tanh", 0.1, *SOLVER, "warn", None)
+    torch.library.opcheck(ops.implicit_layer.default, args)
+
+
+def test_model_forward_is_the_composition_of_the_single_ops():
+    """ImplicitModel.forward takes the one op; readout(implicit_state) takes
+    the single ops: same values, same gradients."""
+    torch.manual_seed(0)
+    model = idl.ImplicitModel(P, Q, N, bias=True, mitr=5000, grad_mitr=5000, tol=1e-13, grad_tol=1e-13).double()
+    with torch.no_grad():
+        model.A.mul_(8)
+    U = torch.randn(M, P, dtype=torch.float64)
+    fused = model(U)
+    fused.square().sum().backward()
+    fused_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    composed = model.readout(U, model.implicit_state(U))
+    composed.square().sum().backward()
+    torch.testing.assert_close(fused, composed, atol=1e-12, rtol=0)
+    for got, want in zip(fused_grads, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(got, want, atol=1e-11, rtol=0)
+
+
+def test_backward_fills_the_report():
+    inputs = layer_inputs()
+    report = torch.full((3,), math.nan, dtype=torch.float64)
+    Y, _ = call(inputs, report=report)
+    assert math.isnan(report[0])  # nothing until the backward pass runs
+    Y.sum().backward()
+    iterations, residual, converged = report.tolist()
+    assert iterations >= 1 and residual <= 1e-13 and converged == 1.0
+
+
+@pytest.mark.parametrize("policy, expectation", [
+    ("warn", pytest.warns(idl.ImplicitFunctionWarning, match=r"backward.*iterations=1")),
+    ("raise", pytest.raises(idl.SolveNotConverged, match=r"backward.*iterations=1")),
+])
+def test_backward_nonconvergence_follows_the_policy(policy, expectation):
+    inputs = layer_inputs()
+    report = torch.full((3,), math.nan, dtype=torch.float64)
+    i = inputs
+    Y, _ = ops.implicit_layer(i["U"], i["A"], i["B"], i["C"], i["D"], i["bias_hidden"], i["bias_out"],
+                              None, "exact", 0.9, "tanh", 0.1, 5000, 1e-13, 1, 0.0, "picard", 5,
+                              policy, report)
+    with expectation:
+        Y.sum().backward()
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(well_posed="project"), "well_posed must be"),
+    (dict(policy="ignore"), "on_nonconvergence must be"),
+    (dict(kappa=1.5), "kappa must be in"),
+    (dict(B=torch.zeros(N, P + 1, dtype=torch.float64)), "B must have shape"),
+    (dict(C=torch.zeros(Q, N + 1, dtype=torch.float64)), "C must have 5 columns"),
+    (dict(D=torch.zeros(Q + 1, P, dtype=torch.float64)), "D must have shape"),
+    (dict(bias_hidden=torch.zeros(N + 1, dtype=torch.float64)), "bias_hidden must have shape"),
+    (dict(U=torch.zeros(M, P)), "U has dtype"),
+    (dict(report=torch.zeros(3)), "backward_report must be"),
+])
+def test_bad_arguments_name_themselves(change, message):
+    inputs = layer_inputs()
+    settings = {k: change.pop(k) for k in ("well_posed", "policy", "kappa", "report") if k in change}
+    inputs.update(change)
+    with pytest.raises(ValueError if "dtype" not in message else TypeError, match=message):
+        call(inputs, **settings)
