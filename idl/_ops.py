@@ -203,7 +203,8 @@ _lib.impl("report_nonconvergence", _report_nonconvergence, "CompositeExplicitAut
 # and return no gradient at all.
 
 
-def _not_differentiable(name):
+def not_differentiable(name):
+    """An autograd formula that refuses: for ops that are differentiable once."""
     def backward(ctx, *grads):
         raise NotImplementedError(
             f"{name} is not differentiable: idl's implicit backward is differentiable once"
@@ -213,4 +214,4 @@ def _not_differentiable(name):
 
 
 for _name in ("project_linf_backward", "fixed_point_adjoint"):
-    torch.library.register_autograd(f"idl::{_name}", _not_differentiable(f"idl::{_name}"))
+    torch.library.register_autograd(f"idl::{_name}", not_differentiable(f"idl::{_name}"))

@@ -24,10 +24,9 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from . import functional as F
-from ._ops import report_solve
+from ._ops import backward_reporting, not_differentiable, report_solve
 from .implicit import (
     ImplicitFunctionInf,
     SolveStats,
@@ -78,60 +77,96 @@ def attention_activation(Z: torch.Tensor, attention: Callable, mask: torch.Tenso
     return torch.cat((Z, attention(q, k, v, mask)), dim=-1)
 
 
-# ---- solvers on rows (one row = one flattened sequence) ---------------------
+def causal_activation(attention: str, T: int, device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Φ with ``attention`` ("softmax" or "lipschitz") under a causal mask, for
+    sequences of length T (pre-activations (..., T, 3·hs) to states (..., T, 4·hs))."""
+    mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    return partial(attention_activation, attention=_ATTENTION_FUNCTIONS[attention], mask=mask)
 
 
-def _solve_rows(fn, start, max_iter, tol, options):
-    """x <- fn(x, rows) on rows of flattened sequences, by the method of
-    ``options`` (the solver loop of :func:`idl.functional.iterate_rows`)."""
-    return F.iterate_rows(start, lambda X: X, fn, max_iter, tol, options.method, options.memory)
+# ---- the solve and its adjoint, as ops ------------------------------------------
+#
+# Custom ops, so that torch.compile(fullgraph=True) sees one opaque call per
+# solve (the loops inside stop on data) and traces around it from the fake
+# kernels. Rows of the solver loop (idl.functional.iterate_rows) are whole
+# flattened sequences: attention couples a sequence's tokens.
 
 
-# ---- the differentiable solve ------------------------------------------------
+def _solve_rows(fn, start, max_iter, tol, method, memory):
+    return F.iterate_rows(start, lambda X: X, fn, max_iter, tol, method, memory)
 
 
-class _AttentionFixedPoint(torch.autograd.Function):
-    """X (batch, T, 4·hs) solving X = Φ(X Aᵀ + C0), differentiable in A and C0
-    by implicit differentiation, and the forward solve's stats tensor. The
-    backward reports its own solve to ``sink``."""
+@torch.library.custom_op("idl::attention_solve", mutates_args=())
+def attention_solve(A: torch.Tensor, C0: torch.Tensor, attention: str, max_iter: int, tol: float,
+                    grad_max_iter: int, grad_tol: float, method: str,
+                    memory: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """X (batch, T, 4·hs) solving X = Φ(X Aᵀ + C0), and the solve's stats.
+    grad_max_iter and grad_tol are for its backward (attention_adjoint)."""
+    batch, T, _ = C0.shape
+    width = A.shape[1]
+    phi = causal_activation(attention, T, C0.device)
 
-    @staticmethod
-    def forward(ctx, A, C0, phi, options, sink):
-        batch, T, _ = C0.shape
-        width = A.shape[1]
+    def step(X, rows):
+        return phi(X.view(len(rows), T, width) @ A.t() + C0[rows]).flatten(1)
 
-        def step(X, rows):
-            return phi(X.view(len(rows), T, width) @ A.t() + C0[rows]).flatten(1)
+    X, stats = _solve_rows(step, C0.new_zeros(batch, T * width), max_iter, tol, method, memory)
+    return X.view(batch, T, width), stats
 
-        X, stats = _solve_rows(step, C0.new_zeros(batch, T * width), options.max_iter, options.tol, options)
-        X = X.view(batch, T, width)
-        ctx.save_for_backward(A, C0, X)
-        ctx.phi, ctx.options, ctx.sink = phi, options, sink
-        ctx.mark_non_differentiable(stats)
-        return X, stats
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_X, _grad_stats):
-        """With F(X, A, C0) = Φ(X Aᵀ + C0) and G = dL/dX*, solve the adjoint
-        W = G + (∂F/∂X)ᵀ W, then dL/dA = (∂F/∂A)ᵀ W and dL/dC0 = (∂F/∂C0)ᵀ W."""
-        A, C0, X = (t.detach() for t in ctx.saved_tensors)
-        with torch.enable_grad():
-            A, C0, X = A.requires_grad_(), C0.requires_grad_(), X.requires_grad_()
-            mapped = ctx.phi(X @ A.t() + C0)
-        G = grad_X.reshape(X.shape[0], -1)
+@attention_solve.register_fake
+def _(A, C0, attention, max_iter, tol, grad_max_iter, grad_tol, method, memory):
+    batch, T, _ = C0.shape
+    return C0.new_empty(batch, T, A.shape[1]), torch.empty(3, dtype=torch.float64)
 
-        def adjoint_step(W, rows):
-            if len(rows) < G.shape[0]:  # sequences are independent: others get 0
-                W = G.new_zeros(G.shape).index_copy_(0, rows, W)
-            (vjp,) = torch.autograd.grad(mapped, X, W.view_as(mapped), retain_graph=True)
-            return G[rows] + vjp.flatten(1)[rows]
 
-        options = ctx.options
-        W, stats = _solve_rows(adjoint_step, torch.zeros_like(G), options.grad_max_iter, options.grad_tol, options)
-        report_solve(stats, "backward", options.on_nonconvergence, ctx.sink)
-        grad_A, grad_C0 = torch.autograd.grad(mapped, (A, C0), W.view_as(mapped))
-        return grad_A, grad_C0, None, None, None
+@torch.library.custom_op("idl::attention_adjoint", mutates_args=())
+def attention_adjoint(A: torch.Tensor, C0: torch.Tensor, X: torch.Tensor, G: torch.Tensor, attention: str,
+                      max_iter: int, tol: float, method: str,
+                      memory: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Implicit differentiation of the solve at X for G = dL/dX: with
+    F(X, A, C0) = Φ(X Aᵀ + C0), solve W = G + (∂F/∂X)ᵀ W; then dL/dA =
+    (∂F/∂A)ᵀ W and dL/dC0 = (∂F/∂C0)ᵀ W. Returns those and the solve's stats.
+    (torch.func, since an op's kernel runs below autograd.)"""
+    phi = causal_activation(attention, X.shape[1], X.device)
+    mapped, vjp_X = torch.func.vjp(lambda X: phi(X @ A.t() + C0), X)
+    G_rows = G.reshape(X.shape[0], -1)
+
+    def adjoint_step(W, rows):
+        if len(rows) < G_rows.shape[0]:  # sequences are independent: others get 0
+            W = G_rows.new_zeros(G_rows.shape).index_copy_(0, rows, W)
+        (vjp,) = vjp_X(W.view_as(mapped))
+        return G_rows[rows] + vjp.flatten(1)[rows]
+
+    W, stats = _solve_rows(adjoint_step, torch.zeros_like(G_rows), max_iter, tol, method, memory)
+    _, vjp_A_C0 = torch.func.vjp(lambda A, C0: phi(X @ A.t() + C0), A, C0)
+    grad_A, grad_C0 = vjp_A_C0(W.view_as(mapped))
+    return grad_A, grad_C0, stats
+
+
+@attention_adjoint.register_fake
+def _(A, C0, X, G, attention, max_iter, tol, method, memory):
+    return torch.empty_like(A), torch.empty_like(C0), torch.empty(3, dtype=torch.float64)
+
+
+def _solve_setup(ctx, inputs, output):
+    A, C0, attention, _max_iter, _tol, grad_max_iter, grad_tol, method, memory = inputs
+    X, stats = output
+    ctx.save_for_backward(A, C0, X)
+    ctx.settings = (attention, grad_max_iter, grad_tol, method, memory)
+    ctx.reporting = backward_reporting.get()
+    ctx.mark_non_differentiable(stats)
+
+
+def _solve_backward(ctx, grad_X, _grad_stats):
+    A, C0, X = ctx.saved_tensors
+    grad_A, grad_C0, stats = attention_adjoint(A, C0, X, grad_X, *ctx.settings)
+    sink, on_nonconvergence = ctx.reporting
+    report_solve(stats, "backward", on_nonconvergence, sink)
+    return grad_A, grad_C0, None, None, None, None, None, None, None
+
+
+attention_solve.register_autograd(_solve_backward, setup_context=_solve_setup)
+attention_adjoint.register_autograd(not_differentiable("idl::attention_adjoint"))
 
 
 # ---- modules -------------------------------------------------------------------
@@ -253,9 +288,6 @@ class ImplicitAttentionHead(nn.Module):
         self.B = nn.Parameter(torch.empty(rows, n_embd).uniform_(-bound, bound))
         if bias:
             self.bias_hidden = nn.Parameter(torch.empty(rows).uniform_(-bound, bound))
-        self.register_buffer(
-            "causal_mask", torch.tril(torch.ones(block_size, block_size, dtype=torch.bool)), persistent=False
-        )
         self.last_stats: Optional[SolveStats] = None
 
     def effective_A(self) -> torch.Tensor:
@@ -273,8 +305,7 @@ class ImplicitAttentionHead(nn.Module):
     def activation(self, T: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """Φ for sequences of length T (pre-activations (..., T, 3·hs) to
         states (..., T, 4·hs))."""
-        mask = self.causal_mask[:T, :T]
-        return partial(attention_activation, attention=_ATTENTION_FUNCTIONS[self.attention], mask=mask)
+        return causal_activation(self.attention, T, self.B.device)
 
     def _check_input(self, x) -> None:
         if not isinstance(x, torch.Tensor):
@@ -291,11 +322,20 @@ class ImplicitAttentionHead(nn.Module):
         C0 = x @ self.B.t()
         if self.bias:
             C0 = C0 + self.bias_hidden
+        o = self.options
+        settings = (self.attention, o.max_iter, float(o.tol), o.grad_max_iter, float(o.grad_tol), o.method, o.memory)
+        if torch.compiler.is_compiling():
+            # A compiled graph can neither set a ContextVar nor call back into
+            # a Python sink: its solves go unreported (docs/hardening.md).
+            self.last_stats = None
+            return attention_solve(self.effective_A(), C0, *settings)[0]
         stats = self.last_stats = SolveStats(forward={})
-        sink = stats.record
-        phi = self.activation(x.shape[1])
-        X, forward_stats = _AttentionFixedPoint.apply(self.effective_A(), C0, phi, self.options, sink)
-        report_solve(forward_stats, "forward", self.options.on_nonconvergence, sink)
+        token = backward_reporting.set((stats.record, o.on_nonconvergence))
+        try:
+            X, forward_stats = attention_solve(self.effective_A(), C0, *settings)
+        finally:
+            backward_reporting.reset(token)
+        report_solve(forward_stats, "forward", o.on_nonconvergence, stats.record)
         return X
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
