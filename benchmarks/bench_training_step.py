@@ -12,7 +12,8 @@ projection changes A); "boundary" scales A to ||A||_inf = 2 so the projection is
 active; "trained" are the weights after a few epochs of training (with idl, on
 the digits upsampled to the config's input size), where the fixed point is
 harder to reach. idl runs with projection="scale" to solve exactly torchidl's
-problem, and with its default exact projection for reference.
+problem, and with its default exact projection for reference. "explicit" is
+the same network with A = 0 and no solve (ExplicitTwin): a floor for the step.
 """
 import argparse
 import statistics
@@ -73,6 +74,19 @@ def make_pair(p, n, q, regime, seed=0):
     return upstream, ours
 
 
+class ExplicitTwin(torch.nn.Module):
+    """relu(U Bᵀ) Cᵀ + U Dᵀ with a model's B, C, D: the implicit model with
+    A = 0, solved in one step. Its training step is a floor for any implicit
+    one of that shape (the same input and readout products, no solve)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.B, self.C, self.D = (torch.nn.Parameter(getattr(model, n).detach().clone()) for n in "BCD")
+
+    def forward(self, U):
+        return torch.relu(U @ self.B.t()) @ self.C.t() + U @ self.D.t()
+
+
 def step(model, U, y):
     model.zero_grad(set_to_none=True)
     loss = torch.nn.functional.cross_entropy(model(U), y)
@@ -90,7 +104,8 @@ def bench(p, n, q, batch, regime, repeats):
     upstream, ours = make_pair(p, n, q, regime)
     U, y = digits(p)
     U, y = U[-batch:], y[-batch:]
-    contenders = {"torchidl": upstream, "idl (scale)": ours["scale"], "idl (exact)": ours["exact"]}
+    contenders = {"torchidl": upstream, "idl (scale)": ours["scale"], "idl (exact)": ours["exact"],
+                  "explicit": ExplicitTwin(upstream)}
     times = {name: [] for name in contenders}
     losses = {}
     for model in contenders.values():  # warm up
@@ -110,7 +125,8 @@ def main():
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} steps\n")
     header = (f"| {'p->n->q':>12} | {'batch':>5} | {'weights':>8} | {'torchidl ms':>11} | {'idl scale ms':>12} "
-              f"| {'speed-up':>8} | {'idl exact ms':>12} | {'loss gap':>8} | {'fwd/bwd it':>10} |")
+              f"| {'speed-up':>8} | {'idl exact ms':>12} | {'explicit ms':>11} | {'loss gap':>8} "
+              f"| {'fwd/bwd it':>10} |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for p, n, q, batch in CONFIGS:
@@ -121,7 +137,7 @@ def main():
             its = f"{stats.forward['iterations']}/{stats.backward['iterations']}"
             print(f"| {f'{p}->{n}->{q}':>12} | {batch:>5} | {regime:>8} | {1e3 * medians['torchidl']:>11.3f} "
                   f"| {1e3 * medians['idl (scale)']:>12.3f} | {ratio:>7.1f}x | {1e3 * medians['idl (exact)']:>12.3f} "
-                  f"| {loss_gap:>8.1e} | {its:>10} |")
+                  f"| {1e3 * medians['explicit']:>11.3f} | {loss_gap:>8.1e} | {its:>10} |")
 
 
 if __name__ == "__main__":
