@@ -58,9 +58,9 @@ def report_solve(stats, what, on_nonconvergence, sink=None):
 
 
 # Where the backward of the solve currently being recorded reports its stats
-# and how it treats non-convergence. A model sets it around its forward call;
-# the autograd context captures it, so the report reaches the right model even
-# when several models run at once in different threads.
+# and how it treats non-convergence: (sink, on_nonconvergence). A module sets it
+# around its forward call with idl.implicit.reported_solves; the autograd
+# formulas capture it in their context.
 backward_reporting = contextvars.ContextVar("idl_backward_reporting", default=(None, "warn"))
 
 

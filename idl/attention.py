@@ -34,6 +34,7 @@ from .implicit import (
     _check_positive_int,
     check_well_posedness,
     merge_stats,
+    reported_solves,
 )
 
 ATTENTIONS = ("softmax", "lipschitz")
@@ -324,18 +325,9 @@ class ImplicitAttentionHead(nn.Module):
             C0 = C0 + self.bias_hidden
         o = self.options
         settings = (self.attention, o.max_iter, float(o.tol), o.grad_max_iter, float(o.grad_tol), o.method, o.memory)
-        if torch.compiler.is_compiling():
-            # A compiled graph can neither set a ContextVar nor call back into
-            # a Python sink: its solves go unreported (docs/hardening.md).
-            self.last_stats = None
-            return attention_solve(self.effective_A(), C0, *settings)[0]
-        stats = self.last_stats = SolveStats(forward={})
-        token = backward_reporting.set((stats.record, o.on_nonconvergence))
-        try:
+        with reported_solves(self, o.on_nonconvergence) as sink:
             X, forward_stats = attention_solve(self.effective_A(), C0, *settings)
-        finally:
-            backward_reporting.reset(token)
-        report_solve(forward_stats, "forward", o.on_nonconvergence, stats.record)
+        report_solve(forward_stats, "forward", o.on_nonconvergence, sink)
         return X
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Implicit functions (how A is kept well-posed, which activation) and
 ImplicitModel, the drop-in nn.Module."""
 import math
+from contextlib import contextmanager
 from typing import Optional, Type
 
 import torch
@@ -113,6 +114,29 @@ class SolveStats:
         if not isinstance(other, SolveStats):
             return NotImplemented
         return (self.forward, self.backward) == (other.forward, other.backward)
+
+
+@contextmanager
+def reported_solves(module: nn.Module, on_nonconvergence: str):
+    """Where the solves of one call of ``module`` report: a fresh SolveStats
+    in ``module.last_stats``, whose ``record`` is yielded as the forward
+    solve's sink and reached by the backward through ``backward_reporting``
+    (the autograd context captures it, so the report reaches the right module
+    even when several run at once in different threads).
+
+    A compiled graph can neither set a ContextVar nor call back into a Python
+    sink: there its solves go unreported, ``last_stats`` is None and the sink
+    yielded is None (docs/hardening.md)."""
+    if torch.compiler.is_compiling():
+        module.last_stats = None
+        yield None
+        return
+    stats = module.last_stats = SolveStats(forward={})
+    token = backward_reporting.set((stats.record, on_nonconvergence))
+    try:
+        yield stats.record
+    finally:
+        backward_reporting.reset(token)
 
 
 def merge_stats(records: list) -> Optional[SolveStats]:
@@ -319,22 +343,12 @@ class ImplicitModel(nn.Module):
             return self._solve(C0.to(dtype), None if X0 is None else X0.to(dtype))
 
     def _solve(self, C0: torch.Tensor, X0: Optional[torch.Tensor]) -> torch.Tensor:
-        if torch.compiler.is_compiling() and not self.custom_activation:
-            # A compiled graph can neither set a ContextVar nor call back into
-            # a Python sink: its solves go unreported (docs/hardening.md).
-            self.last_stats = None
-            A = self.effective_A()
-            return F.fixed_point(A, C0, X0, self.activation, self.negative_slope, self.options)
-        stats = self.last_stats = SolveStats(forward={})
-        sink = stats.record
         A = self.effective_A()
-        if self.custom_activation:
-            return F.fixed_point_custom(A, C0, X0, self.f.phi, self.f.dphi, self.options, sink)
-        token = backward_reporting.set((sink, self.options.on_nonconvergence))
-        try:
+        if self.custom_activation:  # its autograd.Function holds the sink itself
+            stats = self.last_stats = SolveStats(forward={})
+            return F.fixed_point_custom(A, C0, X0, self.f.phi, self.f.dphi, self.options, stats.record)
+        with reported_solves(self, self.options.on_nonconvergence) as sink:
             return F.fixed_point(A, C0, X0, self.activation, self.negative_slope, self.options, sink)
-        finally:
-            backward_reporting.reset(token)
 
     def readout(self, U: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
         """Ŷ = X Cᵀ + U Dᵀ (+ bias) for input U and its equilibrium X."""
