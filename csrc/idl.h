@@ -109,7 +109,8 @@ typedef struct {
 int64_t idl_solve_workspace_bytes(int64_t m, int64_t n, int64_t elem_size,
                                   idl_solver solver);
 
-/* Forward: X = φ(X Aᵀ + C0), iterating from X0. `matmul` multiplies by Aᵀ.
+/* Forward: X = φ(X Aᵀ + C0), iterating from X0 (NULL: from 0, whose product
+ * is skipped). `matmul` multiplies by Aᵀ.
  * Writes X and Z with X = φ(Z) exactly, Z = X_prev Aᵀ + C0 for the last
  * iterate X_prev. A sample stops iterating as soon as its own residual is
  * <= tol. */

@@ -85,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_point_cpu(
     const auto args = check_fixed_point_args(A, C0, X0, activation, slope, max_iter, tol,
                                              grad_max_iter, grad_tol, method, memory);
     auto c0 = C0.contiguous();
-    auto x0 = X0.has_value() ? X0->contiguous() : at::zeros_like(c0);
+    auto x0 = X0.has_value() ? X0->contiguous() : at::Tensor();  // undefined: start at 0
     const int64_t m = c0.size(0), n = c0.size(1);
     auto x = at::empty_like(c0);
     auto z = at::empty_like(c0);
@@ -94,10 +94,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_point_cpu(
     idl_matmul mm{matmul_by_factor, &at_factor};
     idl_stats stats;
     AT_DISPATCH_FLOATING_TYPES(c0.scalar_type(), "idl::fixed_point", [&] {
-        stats = Kernels<scalar_t>::fixed_point(m, n, mm, c0.const_data_ptr<scalar_t>(),
-                                               x0.const_data_ptr<scalar_t>(), args.act, args.solver,
-                                               x.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
-                                               work.data_ptr());
+        const scalar_t* start = x0.defined() ? x0.const_data_ptr<scalar_t>() : nullptr;
+        stats = Kernels<scalar_t>::fixed_point(m, n, mm, c0.const_data_ptr<scalar_t>(), start,
+                                               args.act, args.solver, x.data_ptr<scalar_t>(),
+                                               z.data_ptr<scalar_t>(), work.data_ptr());
     });
     return {x, z, stats_tensor(stats)};
 }
