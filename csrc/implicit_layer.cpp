@@ -13,15 +13,18 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 
 #include "checks.h"
+#include "serial_blas.h"
 
 namespace {
 
 using idl_checks::check_matrix;
 using idl_checks::check_same;
+using idl_glue::SerialBlasIfSmall;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = c10::optional<at::Tensor>;
@@ -154,6 +157,13 @@ void check_report(const OptTensor& report) {
                       "idl: backward_report must be a contiguous float64 CPU tensor of shape [3]");
 }
 
+// Multiply-adds of the layer's largest product, forward or backward: U (m, p),
+// A (n, n), C (q, n).
+int64_t largest_product(const at::Tensor& U, const at::Tensor& A, const at::Tensor& C) {
+    const int64_t m = U.size(0), p = U.size(1), n = A.size(0), q = C.size(0);
+    return m * std::max({n * p, n * n, q * p, q * n});
+}
+
 struct LayerForward {
     at::Tensor Y, stats, A_bar, X, Z;
 };
@@ -163,6 +173,7 @@ LayerForward layer_forward(const at::Tensor& U, const at::Tensor& A, const at::T
                            const OptTensor& bias_out, const OptTensor& X0, const Settings& s) {
     static const auto solve = idl_op<SolveSignature>("idl::fixed_point");
     check_layer_args(U, A, B, C, D, bias_hidden, bias_out, s);
+    SerialBlasIfSmall serial(U.device(), largest_product(U, A, C));
     LayerForward f;
     f.A_bar = well_posed(A, s);
     auto C0 = bias_hidden.has_value() ? at::addmm(*bias_hidden, U, B.t()) : at::mm(U, B.t());
@@ -211,6 +222,7 @@ class ImplicitLayer : public torch::autograd::Function<ImplicitLayer> {
         // adjoint op's autograd layer refuses a second derivative.
         std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
         if (!at::GradMode::is_enabled()) below_autograd.emplace();
+        SerialBlasIfSmall serial(U.device(), largest_product(U, A, C));
 
         auto [V, stats] = adjoint.call(A_bar, Z, dY.mm(C), s.activation, s.slope, s.grad_max_iter,
                                        s.grad_tol, s.method, s.memory);

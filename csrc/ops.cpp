@@ -8,12 +8,14 @@
 #include "aten_matmul.h"
 #include "checks.h"
 #include "idl.h"
+#include "serial_blas.h"
 
 namespace {
 
 using namespace idl_checks;
 using idl_glue::matmul_by_factor;
 using idl_glue::RightFactor;
+using idl_glue::SerialBlasIfSmall;
 
 // ---- the C kernels by element type ------------------------------------------
 
@@ -90,6 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_point_cpu(
     auto x = at::empty_like(c0);
     auto z = at::empty_like(c0);
     auto work = workspace_for(m, n, c0, args.solver);
+    SerialBlasIfSmall serial(c0.device(), m * n * n);
     RightFactor at_factor{A.t()};
     idl_matmul mm{matmul_by_factor, &at_factor};
     idl_stats stats;
@@ -114,6 +117,7 @@ std::tuple<at::Tensor, at::Tensor> fixed_point_adjoint_cpu(const at::Tensor& A, 
     const int64_t m = z.size(0), n = z.size(1);
     auto v = at::empty_like(z);
     auto work = workspace_for(m, n, z, args.solver);
+    SerialBlasIfSmall serial(z.device(), m * n * n);
     RightFactor a_factor{A};
     idl_matmul mm{matmul_by_factor, &a_factor};
     idl_stats stats;

@@ -1,7 +1,9 @@
 """idl::implicit_layer, the whole ImplicitModel forward as one op with its
 backward in C++: against the float64 reference and the composition of the
 single ops, opcheck, gradcheck, its stats report and its argument checks."""
+import ctypes
 import math
+import os
 
 import pytest
 import torch
@@ -132,6 +134,39 @@ def test_backward_nonconvergence_follows_the_policy(policy, expectation):
                               policy, report)
     with expectation:
         Y.sum().backward()
+
+
+def mkl_max_threads():
+    """MKL's thread count for the calling thread (None without MKL)."""
+    path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    if not (torch.backends.mkl.is_available() and os.path.exists(path)):
+        return None
+    get = ctypes.CDLL(path).MKL_Get_Max_Threads
+    get.restype = ctypes.c_int
+    return get()
+
+
+@pytest.mark.skipif(mkl_max_threads() is None, reason="MKL's thread setting (x86 Linux builds)")
+@pytest.mark.parametrize("batch, threads_inside", [(4, 1), (64, 2)])
+def test_small_layers_run_mkl_on_one_thread(monkeypatch, batch, threads_inside):
+    """Seen from inside the backward (its non-convergence report): one thread
+    for a layer whose largest product is below 2^18 multiply-adds (4 x 64 x
+    64), all for one at it (64 x 64 x 64); and as before afterwards."""
+    seen = []
+    monkeypatch.setattr(idl._ops, "report_solve", lambda *args: seen.append(mkl_max_threads()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        U, A, B = (torch.randn(*shape, generator=g) for shape in [(batch, 64), (64, 64), (64, 64)])
+        C = torch.randn(2, 64, generator=g, requires_grad=True)
+        report = torch.full((3,), math.nan, dtype=torch.float64)
+        Y, _ = ops.implicit_layer(U, A, B, C, None, None, None, None, "scale", 0.9, "tanh", 0.0,
+                                  300, 1e-4, 1, 0.0, "picard", 5, "warn", report)
+        Y.sum().backward()  # one adjoint iteration: not converged, so reported
+        assert seen == [threads_inside] and mkl_max_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("change, message", [
