@@ -1,6 +1,7 @@
 """Implicit functions (how A is kept well-posed, which activation) and
 ImplicitModel, the drop-in nn.Module."""
 import math
+import warnings
 from contextlib import contextmanager
 from typing import Optional, Type
 
@@ -168,10 +169,14 @@ def _check_positive_int(name, value, allow_zero=False):
 def check_well_posedness(kappa, projection, is_low_rank, rank, max_rank, max_rank_text):
     """Checks the settings that keep A well-posed (shared by every implicit
     layer): kappa in (0, 1], a known projection, and with is_low_rank a rank
-    in [1, max_rank] (``max_rank_text`` says in the message what bounds it)."""
+    in [1, max_rank] (``max_rank_text`` says in the message what bounds it).
+    A rank without is_low_rank is ignored, as torchidl does, with a warning."""
     F.check_kappa(kappa)
     if projection not in F.PROJECTIONS:
         raise ValueError(f"projection must be one of {F.PROJECTIONS}, got {projection!r}")
+    if rank is not None and not is_low_rank:
+        warnings.warn(f"rank={rank} is ignored: A is full rank unless is_low_rank=True",
+                      UserWarning, stacklevel=3)
     if is_low_rank:
         if rank is None:
             raise ValueError("rank is required when is_low_rank=True")
@@ -209,7 +214,7 @@ class ImplicitModel(nn.Module):
         kappa: radius of the inf-norm ball, in (0, 1].
         is_low_rank, rank: A = L Rᵀ with L, R of shape (hidden_dim, rank).
         activation: built-in φ by name: one of ``idl.ACTIVATIONS``.
-        negative_slope: slope of ``"leaky_relu"`` for negative inputs.
+        negative_slope: slope of ``"leaky_relu"`` for negative inputs, in [-1, 1].
         projection: ``"exact"`` (Euclidean, default) or ``"scale"`` (torchidl's).
         on_nonconvergence: ``"warn"`` (ImplicitFunctionWarning) or ``"raise"``
             (SolveNotConverged) when a solve stops before reaching its tolerance.
@@ -260,6 +265,12 @@ class ImplicitModel(nn.Module):
             )
         check_well_posedness(kappa, projection, is_low_rank, rank, hidden_dim, f"hidden_dim={hidden_dim}")
         _check_finite_float("negative_slope", negative_slope)
+        if activation == "leaky_relu" and abs(negative_slope) > 1:
+            # ||A||_inf < 1 makes the fixed point unique only for a 1-Lipschitz φ
+            raise ValueError(
+                f"negative_slope must be in [-1, 1] (leaky_relu must be 1-Lipschitz for the "
+                f"model to be well-posed), got {negative_slope}"
+            )
         _check_positive_int("mitr", mitr)  # named as the user wrote them; SolverOptions
         _check_positive_int("grad_mitr", grad_mitr)  # checks the rest
         self.options = F.SolverOptions(

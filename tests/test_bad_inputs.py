@@ -27,6 +27,13 @@ def model(**kwargs):
     return idl.ImplicitModel(**{**ARGS, **kwargs})
 
 
+def test_rank_without_low_rank_is_ignored_with_a_warning():
+    with pytest.warns(UserWarning, match=r"rank=2 is ignored.*is_low_rank=True") as record:
+        m = model(rank=2)
+    assert record[0].filename == __file__  # points at the caller
+    assert m.A.shape == (ARGS["hidden_dim"], ARGS["hidden_dim"]) and not hasattr(m, "L")
+
+
 def call(U, X0=None, **kwargs):
     return lambda: model(**kwargs)(U, X0=X0)
 
@@ -60,6 +67,8 @@ IMPLICIT_MODEL_CASES = [
      ValueError, "negative_slope"),
     ("negative_slope_str", lambda: model(activation="leaky_relu", negative_slope="0.1"),
      TypeError, "negative_slope"),
+    ("negative_slope_steep", lambda: model(activation="leaky_relu", negative_slope=-1.5),
+     ValueError, r"negative_slope must be in \[-1, 1\]"),
     ("f_instance", lambda: model(f=idl.ImplicitFunctionInf()), TypeError, "f must be"),
     ("activation_none", lambda: model(activation=None), ValueError, "activation"),
     ("projection_none", lambda: model(projection=None), ValueError, "projection"),
