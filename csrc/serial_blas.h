@@ -21,11 +21,16 @@
 
 #include <cstdint>
 
-#if AT_MKL_ENABLED()
 // mkl_service.h's C interface (mkl_set_num_threads_local is a macro for it
 // there; the exported lowercase symbol is the Fortran one, taking a pointer).
-// libtorch_cpu exports it; MKL's headers do not ship with torch.
-extern "C" int MKL_Set_Num_Threads_Local(int nthreads);
+// MKL's headers do not ship with torch; libtorch_cpu exports the symbol. It is
+// declared weak, so that a torch that does not export it loads the extension
+// all the same (the pointer is then null, and MKL keeps its threads).
+#if AT_MKL_ENABLED() && defined(__GNUC__)
+#define IDL_SERIAL_BLAS 1
+extern "C" int MKL_Set_Num_Threads_Local(int nthreads) __attribute__((weak));
+#else
+#define IDL_SERIAL_BLAS 0
 #endif
 
 namespace idl_glue {
@@ -39,8 +44,9 @@ constexpr int64_t kSerialBlasMaxWork = int64_t{1} << 18;
 class SerialBlasIfSmall {
    public:
     SerialBlasIfSmall(const c10::Device& device, int64_t largest_product) {
-#if AT_MKL_ENABLED()
-        engaged_ = device.is_cpu() && largest_product < kSerialBlasMaxWork;
+#if IDL_SERIAL_BLAS
+        engaged_ = MKL_Set_Num_Threads_Local != nullptr && device.is_cpu() &&
+                   largest_product < kSerialBlasMaxWork;
         if (engaged_) previous_ = MKL_Set_Num_Threads_Local(1);
 #else
         (void)device;
@@ -48,7 +54,7 @@ class SerialBlasIfSmall {
 #endif
     }
     ~SerialBlasIfSmall() {
-#if AT_MKL_ENABLED()
+#if IDL_SERIAL_BLAS
         // 0, when nothing was set for this thread before, means "MKL's global
         // setting" again.
         if (engaged_) MKL_Set_Num_Threads_Local(previous_);
