@@ -1,5 +1,6 @@
 """From fitted weights A, B, C, D to an :class:`idl.ImplicitModel`, and the
 map from SIM's ``activation_fn`` (a callable) to the model's activation."""
+import copyreg
 import logging
 
 import torch
@@ -57,18 +58,49 @@ def _elementwise_derivative(phi):
     return dphi
 
 
+class _SIMFunctionType(type):
+    """The metaclass of the ImplicitFunction subclasses made for a Python
+    activation: pickled (with torch.save too) as the recipe (base, activation)
+    instead of by name, since they are made at run time."""
+
+
+def _rebuild_function(well_posed: bool, activation_fn):
+    return implicit_function_for(activation_fn, well_posed)
+
+
+copyreg.pickle(_SIMFunctionType,
+               lambda cls: (_rebuild_function, (cls._sim_well_posed, cls._sim_activation)))
+
+# One class per (base, activation), so a model pickled twice shares it.
+_FUNCTION_CLASSES = {}
+
+
 def implicit_function_for(activation_fn, well_posed: bool):
     """The ImplicitFunction class for a model with φ = ``activation_fn``:
     ImplicitFunctionInf when A is inside the ball, else ImplicitFunction (A used
-    as it is); subclassed with Python phi/dphi for a non-built-in φ."""
+    as it is); subclassed with Python phi/dphi for a non-built-in φ. The
+    subclass pickles as long as ``activation_fn`` does (a module such as
+    ``nn.GELU()`` or a module-level function)."""
     base = ImplicitFunctionInf if well_posed else ImplicitFunction
     if built_in_activation(activation_fn) is not None:
         return base
-    return type(
+    try:
+        key = (well_posed, activation_fn)
+        cached = _FUNCTION_CLASSES.get(key)
+    except TypeError:  # unhashable activation
+        key, cached = None, None
+    if cached is not None:
+        return cached
+    cls = _SIMFunctionType(
         f"{base.__name__}SIM",
         (base,),
-        {"phi": staticmethod(activation_fn), "dphi": staticmethod(_elementwise_derivative(activation_fn))},
+        {"phi": staticmethod(activation_fn), "dphi": staticmethod(_elementwise_derivative(activation_fn)),
+         "_sim_activation": activation_fn, "_sim_well_posed": bool(well_posed),
+         "__module__": __name__},
     )
+    if key is not None:
+        _FUNCTION_CLASSES[key] = cls
+    return cls
 
 
 def _inf_norm(A: torch.Tensor) -> float:
@@ -76,8 +108,9 @@ def _inf_norm(A: torch.Tensor) -> float:
 
 
 def implicit_model_from_weights(A, B, C, D, activation_fn, kappa: float, atol: float,
-                                max_iter: int) -> ImplicitModel:
-    """An ImplicitModel holding A, B, C, D (tensors, on their device and dtype).
+                                max_iter: int, bias_hidden=None, bias_out=None) -> ImplicitModel:
+    """An ImplicitModel holding A, B, C, D (tensors, on their device and dtype),
+    and the biases when given (both, or neither: ``ImplicitModel(bias=True)``).
 
     When ||A||_inf <= kappa the model projects onto that ball, which leaves A
     unchanged (the exact projection is the identity inside the ball); otherwise
@@ -99,10 +132,13 @@ def implicit_model_from_weights(A, B, C, D, activation_fn, kappa: float, atol: f
         input_dim=p, output_dim=q, hidden_dim=n,
         f=implicit_function_for(activation_fn, well_posed),
         kappa=kappa, mitr=max_iter, grad_mitr=max_iter, tol=atol, grad_tol=atol,
-        activation=activation, negative_slope=slope,
+        activation=activation, negative_slope=slope, bias=bias_hidden is not None,
     ).to(device=A.device, dtype=A.dtype)
     with torch.no_grad():
         for name, value in zip("ABCD", (A, B, C, D)):
             getattr(model, name).copy_(value)
+        if bias_hidden is not None:
+            model.bias_hidden.copy_(bias_hidden)
+            model.bias_out.copy_(bias_out)
     return model
 

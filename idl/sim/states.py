@@ -39,10 +39,10 @@ class States:
     """The states of an explicit network on m samples, batch-first.
 
     Attributes:
-        U: inputs, (m, p), flattened from dim 1.
+        U: inputs, (m, p), flattened from dim 1 (a 1-D batch is (m, 1)).
         X: post-activations, (m, n), hidden layers last-layer-first.
         Z: pre-activations, (m, n), same layout as X.
-        Y: outputs, (m, q), flattened from dim 1.
+        Y: outputs, (m, q), flattened from dim 1 (a 1-D batch is (m, 1)).
         layer_sizes: widths of the captured hidden layers, in the column order
             of X and Z (last layer first); they sum to n.
     """
@@ -165,7 +165,7 @@ class _Recorder:
     overwrites it."""
 
     def __init__(self):
-        self.pre, self.post = [], []
+        self.pre, self.post, self.modules = [], [], []
         self._inputs = {}
 
     def before(self, module, inputs):
@@ -175,12 +175,14 @@ class _Recorder:
     def after(self, module, inputs, output):
         pre = self._inputs.pop(id(module), None)
         if pre is not None and isinstance(output, torch.Tensor) and pre.shape == output.shape:
-            self.pre.append(pre.flatten(1))
-            self.post.append(output.detach().flatten(1))
+            self.pre.append(as_rows(pre, "a hidden state"))
+            self.post.append(as_rows(output.detach(), "a hidden state"))
+            self.modules.append(module)
 
     def clear(self):
         self.pre.clear()
         self.post.clear()
+        self.modules.clear()
         self._inputs.clear()
 
 
@@ -196,6 +198,23 @@ def _recording(modules):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def as_rows(t: torch.Tensor, what: str) -> torch.Tensor:
+    """``t`` as (batch, features): flattened from dim 1, a 1-D batch of
+    scalars as (batch, 1)."""
+    if t.dim() == 0:
+        raise ValueError(f"{what} is a 0-d tensor: expected a batch, (batch, features...) or (batch,)")
+    return t.reshape(t.shape[0], -1)
+
+
+def _check_finite(name: str, t: torch.Tensor, batch: int):
+    if not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).sum().item()
+        raise ValueError(
+            f"SIM states: {name} has {bad} non-finite value(s) (NaN or inf) in batch {batch}; "
+            "the solvers need finite states: check the data and the network"
+        )
 
 
 def _batch_inputs(batch):
@@ -230,11 +249,14 @@ def capture_states(
     ``dataloader`` and return its states on ``device`` in ``dtype``.
 
     The inputs of a batch are its first element (or the batch itself when it
-    is a tensor); they are moved to the model's device.
+    is a tensor); they are moved to the model's device. Inputs, outputs and
+    states are flattened from dim 1 (a 1-D batch is (batch, 1)). Raises
+    ValueError, naming the layer, on a non-finite state.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     modules = hooked_activations(model, skip_layers)
+    names = {module: name or type(module).__name__ for name, module in model.named_modules()}
     model_device = _model_device(model, device)
     was_training = model.training
     model.eval()
@@ -242,7 +264,7 @@ def capture_states(
     layer_sizes = None
     try:
         with _recording(modules) as recorder:
-            for batch in progress_bar(dataloader, desc="SIM states", progress=progress):
+            for index, batch in enumerate(progress_bar(dataloader, desc="SIM states", progress=progress)):
                 inputs = _batch_inputs(batch).to(model_device)
                 recorder.clear()
                 outputs = model(inputs)
@@ -262,9 +284,16 @@ def capture_states(
                     raise ValueError(
                         f"hidden layer sizes changed between batches: {layer_sizes} then {sizes}"
                     )
+                inputs, outputs = as_rows(inputs, "the inputs"), as_rows(outputs, "the model's output")
+                _check_finite("the inputs U", inputs, index)
+                for layer, (module, pre, post) in enumerate(zip(recorder.modules, recorder.pre, recorder.post)):
+                    where = f"hidden layer {layer} ({names.get(module, type(module).__name__)})"
+                    _check_finite(f"the pre-activation Z of {where}", pre, index)
+                    _check_finite(f"the post-activation X of {where}", post, index)
+                _check_finite("the outputs Y", outputs, index)
                 keep = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
-                parts["U"].append(keep(inputs.flatten(1)))
-                parts["Y"].append(keep(outputs.flatten(1)))
+                parts["U"].append(keep(inputs))
+                parts["Y"].append(keep(outputs))
                 parts["Z"].append(keep(torch.cat(recorder.pre[::-1], dim=1)))
                 parts["X"].append(keep(torch.cat(recorder.post[::-1], dim=1)))
     finally:
