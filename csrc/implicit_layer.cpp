@@ -2,15 +2,27 @@
 //
 //     Y = X Cᵀ + U Dᵀ + b_out,   X = φ(X Āᵀ + U Bᵀ + b_hidden),   Ā = well-posed A,
 //
-// as one op whose backward (implicit differentiation) is written here in C++.
+// as one op returning Y, the state X and the stats of its solves, whose
+// backward (implicit differentiation) is written here in C++. It is the one
+// road of every built-in-activation layer: ImplicitModel's forward and
+// implicit_state, the RNN cell, SIM's regenerated states.
+//
 // At the sizes implicit models are often trained at, a training step is mostly
 // per-op overhead; as one op, ImplicitModel runs no Python per op in either
 // pass. The op composes the other idl:: ops and ATen products through the
 // dispatcher, so it runs on every device they run on and traces under
 // torch.compile as those ops. No numerics live here.
+//
+// Stats are data the op returns: a float64 tensor of shape [2, 3] on the
+// layer's device, row 0 the forward solve's [iterations, residual, converged],
+// row 1 the backward solve's, [-1, 0, 0] (not run) until the backward pass
+// writes it. How a
+// solve that did not converge is reported (warn or raise) is the caller's
+// business (idl/_stats.py).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -24,6 +36,7 @@ namespace {
 
 using idl_checks::check_matrix;
 using idl_checks::check_same;
+using idl_glue::kSerialBlasMaxWork;
 using idl_glue::SerialBlasIfSmall;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -57,15 +70,6 @@ using AdjointSignature = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view, double, int64_t,
     double, c10::string_view, int64_t);
 
-// Hands a backward solve that did not converge to idl/_ops.py, which warns or
-// raises as the layer's on_nonconvergence asks (with Python's warning and
-// exception classes, which C++ cannot name).
-void report_nonconvergence(const at::Tensor& stats, const std::string& policy) {
-    static const auto op = idl_op<void(const at::Tensor&, c10::string_view, c10::string_view)>(
-        "idl::report_nonconvergence");
-    op.call(stats, "backward", policy);
-}
-
 // ---- the layer's settings ------------------------------------------------------
 
 // The non-tensor arguments of idl::implicit_layer, in schema order.
@@ -80,7 +84,6 @@ struct Settings {
     double grad_tol;
     std::string method;
     int64_t memory;
-    std::string on_nonconvergence;
 };
 
 void check_settings(const Settings& s) {
@@ -88,9 +91,6 @@ void check_settings(const Settings& s) {
                           s.well_posed == "exact" || s.well_posed == "scale",
                       "idl: well_posed must be 'none', 'triu', 'exact' or 'scale', got '",
                       s.well_posed, "'");
-    TORCH_CHECK_VALUE(s.on_nonconvergence == "warn" || s.on_nonconvergence == "raise",
-                      "idl: on_nonconvergence must be 'warn' or 'raise', got '",
-                      s.on_nonconvergence, "'");
 }
 
 bool is_projection(const Settings& s) { return s.well_posed == "exact" || s.well_posed == "scale"; }
@@ -132,16 +132,21 @@ void check_layer_args(const at::Tensor& U, const at::Tensor& A, const at::Tensor
     check_same(B, A, "B", "A");
     check_matrix(C, "C");
     check_same(C, A, "C", "A");
-    const int64_t p = U.size(1), q = C.size(0);
-    TORCH_CHECK_VALUE(B.size(0) == n && B.size(1) == p, "idl: B must have shape [", n, ", ", p,
+    // U's sizes are read symbolically: reading one as an int would specialise
+    // a traced graph to its batch size (torch.compile(dynamic=True), export).
+    const c10::SymInt p = U.sym_size(1);
+    const int64_t q = C.size(0);
+    TORCH_CHECK_VALUE(B.size(0) == n && B.sym_size(1) == p,
+                      "idl: B must have shape [", n, ", ", p,
                       "] (hidden size, input size), got ", B.sizes());
     TORCH_CHECK_VALUE(C.size(1) == n, "idl: C must have ", n, " columns (the hidden size), got ",
                       C.size(1));
     if (D.has_value()) {
         check_matrix(*D, "D");
         check_same(*D, A, "D", "A");
-        TORCH_CHECK_VALUE(D->size(0) == q && D->size(1) == p, "idl: D must have shape [", q, ", ",
-                          p, "] (output size, input size), got ", D->sizes());
+        TORCH_CHECK_VALUE(D->size(0) == q && D->sym_size(1) == p,
+                          "idl: D must have shape [", q, ", ", p,
+                          "] (output size, input size), got ", D->sizes());
     }
     check_vector(bias_hidden, n, A, "bias_hidden");
     check_vector(bias_out, q, A, "bias_out");
@@ -149,23 +154,26 @@ void check_layer_args(const at::Tensor& U, const at::Tensor& A, const at::Tensor
     if (is_projection(s)) idl_checks::check_kappa(s.kappa);
 }
 
-// The backward writes its stats [iterations, residual, converged] there.
-void check_report(const OptTensor& report) {
-    if (!report.has_value()) return;
-    TORCH_CHECK_VALUE(report->device().is_cpu() && report->scalar_type() == at::kDouble &&
-                          report->dim() == 1 && report->size(0) == 3 && report->is_contiguous(),
-                      "idl: backward_report must be a contiguous float64 CPU tensor of shape [3]");
-}
-
 // Multiply-adds of the layer's largest product, forward or backward: U (m, p),
-// A (n, n), C (q, n).
+// A (n, n), C (q, n). Traced with symbolic sizes (torch.compile(dynamic=True),
+// torch.export), the layer has no concrete size: reading U's would specialise
+// the graph to one batch size, so it is not read, and the bound is returned.
 int64_t largest_product(const at::Tensor& U, const at::Tensor& A, const at::Tensor& C) {
+    if (U.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return kSerialBlasMaxWork;
     const int64_t m = U.size(0), p = U.size(1), n = A.size(0), q = C.size(0);
     return m * std::max({n * p, n * n, q * p, q * n});
 }
 
+// The stats tensor of a layer: forward row from its solve, backward row "not
+// run" (-1 iterations) until the backward pass fills it.
+at::Tensor layer_stats(const at::Tensor& forward) {
+    auto not_run = at::zeros({1, 3}, forward.options());
+    not_run[0][0].fill_(-1.0);
+    return at::cat({forward.unsqueeze(0), not_run});
+}
+
 struct LayerForward {
-    at::Tensor Y, stats, A_bar, X, Z;
+    at::Tensor Y, X, Z, A_bar, stats;
 };
 
 LayerForward layer_forward(const at::Tensor& U, const at::Tensor& A, const at::Tensor& B,
@@ -177,84 +185,117 @@ LayerForward layer_forward(const at::Tensor& U, const at::Tensor& A, const at::T
     LayerForward f;
     f.A_bar = well_posed(A, s);
     auto C0 = bias_hidden.has_value() ? at::addmm(*bias_hidden, U, B.t()) : at::mm(U, B.t());
-    std::tie(f.X, f.Z, f.stats) = solve.call(f.A_bar, C0, X0, s.activation, s.slope, s.max_iter,
-                                             s.tol, s.grad_max_iter, s.grad_tol, s.method,
-                                             s.memory);
+    at::Tensor solve_stats;
+    std::tie(f.X, f.Z, solve_stats) =
+        solve.call(f.A_bar, C0, X0, s.activation, s.slope, s.max_iter, s.tol, s.grad_max_iter,
+                   s.grad_tol, s.method, s.memory);
     f.Y = bias_out.has_value() ? at::addmm(*bias_out, f.X, C.t()) : at::mm(f.X, C.t());
     if (D.has_value()) f.Y.addmm_(U, D->t());
+    f.stats = layer_stats(solve_stats);
     return f;
 }
+
+// A tensor being traced (torch.compile, torch.export, FakeTensorMode) rather
+// than holding data: the backward does not write stats into it (a compiled
+// graph reports no stats, and a traced write into a forward output would be a
+// mutation of it).
+bool is_traced(const at::Tensor& t) {
+    return t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python,
+                                                    c10::DispatchKey::Functionalize}));
+}
+
+// The layer runs in its parameters' dtype, autocast or not: its solves'
+// tolerances need that precision. (The backward runs under the autocast state
+// its forward ran under.)
+struct NoAutocast {
+    c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 // ---- autograd ---------------------------------------------------------------
 
 // Inputs of ImplicitLayer::apply, in order; backward returns one gradient each.
-enum Input { kU, kA, kB, kC, kD, kBiasHidden, kBiasOut, kX0, kSettings, kReport, kInputs };
+enum Input { kU, kA, kB, kC, kD, kBiasHidden, kBiasOut, kX0, kSettings, kInputs };
+
+// The tensor inputs that may be absent, in order: with one absent, the edges
+// (and needs_input_grad's indices) of those after it move down by one.
+constexpr Input kOptionalInputs[] = {kD, kBiasHidden, kBiasOut, kX0};
 
 class ImplicitLayer : public torch::autograd::Function<ImplicitLayer> {
    public:
     static variable_list forward(AutogradContext* ctx, const at::Tensor& U, const at::Tensor& A,
                                  const at::Tensor& B, const at::Tensor& C, const OptTensor& D,
                                  const OptTensor& bias_hidden, const OptTensor& bias_out,
-                                 const OptTensor& X0, const Settings& s, const OptTensor& report) {
+                                 const OptTensor& X0, const Settings& s) {
         // Nothing in here records autograd history, so the ops skip their
         // autograd layer (Python, for the idl:: ops) altogether.
         at::AutoDispatchBelowADInplaceOrView below_autograd;
-        check_report(report);
+        const NoAutocast no_autocast;
         auto f = layer_forward(U, A, B, C, D, bias_hidden, bias_out, X0, s);
+        // X is saved as the output it is, so that a double backward (with
+        // create_graph) differentiates through it rather than taking it as a
+        // constant.
         ctx->save_for_backward({U, A, f.A_bar, B, C, D.value_or(at::Tensor()), f.X, f.Z});
         save_settings(ctx, s);
-        ctx->saved_data["report"] = report.value_or(at::Tensor());
-        ctx->saved_data["has_bias"] = bias_hidden.has_value();
+        ctx->saved_data["stats"] = f.stats;
+        ctx->saved_data["present"] = present_inputs(D, bias_hidden, bias_out, X0);
         ctx->mark_non_differentiable({f.stats});
-        return {f.Y, f.stats};
+        ctx->set_materialize_grads(false);  // an unused Y or X brings no zeros
+        return {f.Y, f.X, f.stats};
     }
 
-    // dL/dX = dY C; V = φ'(Z) ⊙ (V Ā + dL/dX) is dL/d(pre-activation); the
-    // rest are products with V and dY.
+    // dL/dX = dY C + dX_direct; V = φ'(Z) ⊙ (V Ā + dL/dX) is dL/d(pre-activation);
+    // the rest are products with V and dY.
     static variable_list backward(AutogradContext* ctx, variable_list grads) {
         static const auto adjoint = idl_op<AdjointSignature>("idl::fixed_point_adjoint");
         const auto saved = ctx->get_saved_variables();
         const auto &U = saved[0], &A = saved[1], &A_bar = saved[2], &B = saved[3], &C = saved[4],
                    &D = saved[5], &X = saved[6], &Z = saved[7];
         const Settings s = load_settings(ctx);
-        const auto& dY = grads[0];
-        // With create_graph the products below record their history, and the
-        // adjoint op's autograd layer refuses a second derivative.
+        const auto &dY = grads[0], &dX = grads[1];
+        // With create_graph the products below record their history: a second
+        // derivative through X is exact (X is a saved output); one through the
+        // adjoint solve or the projection's Jacobian is refused by those ops.
         std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
         if (!at::GradMode::is_enabled()) below_autograd.emplace();
+        const NoAutocast no_autocast;
         SerialBlasIfSmall serial(U.device(), largest_product(U, A, C));
 
-        auto [V, stats] = adjoint.call(A_bar, Z, dY.mm(C), s.activation, s.slope, s.grad_max_iter,
+        at::Tensor G = dY.defined() ? dY.mm(C) : at::Tensor();
+        if (dX.defined()) G = G.defined() ? G + dX : dX;
+        if (!G.defined()) G = at::zeros_like(Z);
+        auto [V, stats] = adjoint.call(A_bar, Z, G, s.activation, s.slope, s.grad_max_iter,
                                        s.grad_tol, s.method, s.memory);
-        report(ctx->saved_data["report"].toTensor(), stats, s);
+        const auto& layer_stats = ctx->saved_data["stats"].toTensor();
+        if (!is_traced(layer_stats)) layer_stats[1].copy_(stats);
 
-        // needs_input_grad counts only the tensors given (an absent optional
-        // has no edge); the gradients returned are one per input.
-        const bool has_bias = ctx->saved_data["has_bias"].toBool();
-        const size_t bias_edge = D.defined() ? kBiasHidden : kD;
+        const auto present = ctx->saved_data["present"].toIntVector();
         auto needs = [&](Input input) {
-            switch (input) {
-                case kD: return D.defined() && ctx->needs_input_grad(kD);
-                case kBiasHidden: return has_bias && ctx->needs_input_grad(bias_edge);
-                case kBiasOut: return has_bias && ctx->needs_input_grad(bias_edge + 1);
-                default: return ctx->needs_input_grad(input);
-            }
+            if (input >= kD && !present[input - kD]) return false;
+            int64_t edge = input;  // absent optional inputs before it have no edge
+            for (Input optional : kOptionalInputs)
+                if (optional < input && !present[optional - kD]) --edge;
+            return ctx->needs_input_grad(edge);
         };
         variable_list out(kInputs);
         if (needs(kU)) {
             out[kU] = V.mm(B);
-            if (D.defined()) out[kU].addmm_(dY, D);
+            if (D.defined() && dY.defined()) out[kU] = out[kU].addmm(dY, D);
         }
         if (needs(kA)) out[kA] = well_posed_backward(V.t().mm(X), A, s);
         if (needs(kB)) out[kB] = V.t().mm(U);
-        if (needs(kC)) out[kC] = dY.t().mm(X);
-        if (needs(kD)) out[kD] = dY.t().mm(U);
+        if (needs(kC)) out[kC] = dY.defined() ? dY.t().mm(X) : at::zeros_like(C);
+        if (needs(kD)) out[kD] = dY.defined() ? dY.t().mm(U) : at::zeros_like(D);
         if (needs(kBiasHidden)) out[kBiasHidden] = V.sum(0);
-        if (needs(kBiasOut)) out[kBiasOut] = dY.sum(0);
+        if (needs(kBiasOut)) out[kBiasOut] = dY.defined() ? dY.sum(0) : at::zeros({C.size(0)}, C.options());
         return out;
     }
 
    private:
+    static std::vector<int64_t> present_inputs(const OptTensor& D, const OptTensor& bias_hidden,
+                                               const OptTensor& bias_out, const OptTensor& X0) {
+        return {D.has_value(), bias_hidden.has_value(), bias_out.has_value(), X0.has_value()};
+    }
+
     // The autograd context holds IValues: the settings go in field by field.
     static void save_settings(AutogradContext* ctx, const Settings& s) {
         auto& d = ctx->saved_data;
@@ -266,7 +307,6 @@ class ImplicitLayer : public torch::autograd::Function<ImplicitLayer> {
         d["grad_tol"] = s.grad_tol;
         d["method"] = s.method;
         d["memory"] = s.memory;
-        d["on_nonconvergence"] = s.on_nonconvergence;
     }
 
     // What backward needs of the settings (the forward solve's are not kept).
@@ -281,55 +321,43 @@ class ImplicitLayer : public torch::autograd::Function<ImplicitLayer> {
         s.grad_tol = d["grad_tol"].toDouble();
         s.method = d["method"].toStringRef();
         s.memory = d["memory"].toInt();
-        s.on_nonconvergence = d["on_nonconvergence"].toStringRef();
         return s;
-    }
-
-    // Copies the backward solve's stats into the caller's report tensor (if
-    // any: a compiled graph has none) and reports non-convergence.
-    static void report(const at::Tensor& report_to, const at::Tensor& stats, const Settings& s) {
-        if (!report_to.defined()) return;
-        report_to.copy_(stats);
-        if (report_to.const_data_ptr<double>()[2] == 0.0)
-            report_nonconvergence(report_to, s.on_nonconvergence);
     }
 };
 
 // ---- the op's kernels -----------------------------------------------------------
 
-using LayerResult = std::tuple<at::Tensor, at::Tensor>;
+using LayerResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 #define IDL_LAYER_PARAMS                                                                       \
     const at::Tensor &U, const at::Tensor &A, const at::Tensor &B, const at::Tensor &C,         \
         const OptTensor &D, const OptTensor &bias_hidden, const OptTensor &bias_out,            \
         const OptTensor &X0, c10::string_view well_posed, double kappa,                         \
         c10::string_view activation, double slope, int64_t max_iter, double tol,                \
-        int64_t grad_max_iter, double grad_tol, c10::string_view method, int64_t memory,        \
-        c10::string_view on_nonconvergence, const OptTensor &report
+        int64_t grad_max_iter, double grad_tol, c10::string_view method, int64_t memory
 
 Settings settings_of(c10::string_view well_posed, double kappa, c10::string_view activation,
                      double slope, int64_t max_iter, double tol, int64_t grad_max_iter,
-                     double grad_tol, c10::string_view method, int64_t memory,
-                     c10::string_view on_nonconvergence) {
+                     double grad_tol, c10::string_view method, int64_t memory) {
     return Settings{std::string(well_posed), kappa, std::string(activation), slope, max_iter,
-                    tol, grad_max_iter, grad_tol, std::string(method), memory,
-                    std::string(on_nonconvergence)};
+                    tol, grad_max_iter, grad_tol, std::string(method), memory};
 }
 
 // Below autograd (inference mode, or no input needs a gradient under a mode
 // that skips autograd): the forward alone.
 LayerResult implicit_layer_forward(IDL_LAYER_PARAMS) {
     const auto s = settings_of(well_posed, kappa, activation, slope, max_iter, tol, grad_max_iter,
-                               grad_tol, method, memory, on_nonconvergence);
+                               grad_tol, method, memory);
+    const NoAutocast no_autocast;
     auto f = layer_forward(U, A, B, C, D, bias_hidden, bias_out, X0, s);
-    return {f.Y, f.stats};
+    return {f.Y, f.X, f.stats};
 }
 
 LayerResult implicit_layer_autograd(IDL_LAYER_PARAMS) {
     const auto s = settings_of(well_posed, kappa, activation, slope, max_iter, tol, grad_max_iter,
-                               grad_tol, method, memory, on_nonconvergence);
-    auto out = ImplicitLayer::apply(U, A, B, C, D, bias_hidden, bias_out, X0, s, report);
-    return {out[0], out[1]};
+                               grad_tol, method, memory);
+    auto out = ImplicitLayer::apply(U, A, B, C, D, bias_hidden, bias_out, X0, s);
+    return {out[0], out[1], out[2]};
 }
 
 #undef IDL_LAYER_PARAMS
@@ -340,8 +368,8 @@ TORCH_LIBRARY_FRAGMENT(idl, m) {
     m.def(
         "implicit_layer(Tensor U, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? bias_hidden, "
         "Tensor? bias_out, Tensor? X0, str well_posed, float kappa, str activation, float slope, "
-        "int max_iter, float tol, int grad_max_iter, float grad_tol, str method, int memory, "
-        "str on_nonconvergence, Tensor? backward_report) -> (Tensor Y, Tensor stats)");
+        "int max_iter, float tol, int grad_max_iter, float grad_tol, str method, int memory) "
+        "-> (Tensor Y, Tensor X, Tensor stats)");
 }
 
 TORCH_LIBRARY_IMPL(idl, CompositeExplicitAutograd, m) {

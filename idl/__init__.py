@@ -4,7 +4,7 @@ Implicit layers find their hidden state by solving X = φ(X Aᵀ + U Bᵀ); the
 solves and the projection that keeps them well-posed run in a compiled core
 (torch.ops.idl), with implicit differentiation for the backward pass.
 """
-from ._ops import ImplicitFunctionWarning, SolveNotConverged
+from ._stats import ImplicitFunctionWarning, SolveNotConverged, SolveStats
 from .attention import ATTENTIONS, ImplicitAttentionHead, ImplicitMultiHeadAttention
 from .functional import ACTIVATIONS, PROJECTIONS, SolverOptions, project_linf
 from .implicit import (
@@ -12,7 +12,6 @@ from .implicit import (
     ImplicitFunctionInf,
     ImplicitFunctionTriu,
     ImplicitModel,
-    SolveStats,
 )
 from .rnn import ImplicitRNN, ImplicitRNNCell
 

@@ -4,64 +4,12 @@ The ops themselves are registered in C++ (csrc/ops.cpp). This module adds what
 torch needs around them: shape-only fake kernels (for torch.compile and meta
 tensors) and the backward formulas, so each op is differentiable on its own.
 """
-import contextvars
-import warnings
-
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
 from . import _C  # noqa: F401  (loading the library registers torch.ops.idl)
+from ._stats import report_solve
 
 ops = torch.ops.idl
-
-
-class ImplicitFunctionWarning(RuntimeWarning):
-    """A fixed-point solve (forward or backward) stopped before converging."""
-
-
-class SolveNotConverged(RuntimeError):
-    """A fixed-point solve stopped before converging, and the caller asked for
-    an error rather than a warning (``on_nonconvergence="raise"``)."""
-
-
-def stats_record(values):
-    """The record {iterations, residual, converged} of a solve's stats values."""
-    iterations, residual, converged = values
-    return {"iterations": int(iterations), "residual": residual, "converged": bool(converged)}
-
-
-def report_solve(stats, what, on_nonconvergence, sink=None):
-    """Read a solve's stats tensor [iterations, residual, converged], hand it to
-    ``sink`` (a callable, or None) and warn or raise if it did not converge.
-    While a graph is being traced (torch.compile, fake tensors), or on the meta
-    device, there is no value to read, and nothing is reported."""
-    traced = type(stats) is not torch.Tensor and is_fake(stats)  # (is_fake is slow)
-    if torch.compiler.is_compiling() or traced or stats.is_meta:
-        return None
-    record = stats_record(stats.tolist())
-    residual = record["residual"]
-    if sink is not None:
-        sink(what, record)
-    if not record["converged"]:
-        if residual != residual or residual in (float("inf"), float("-inf")):
-            reason = "the iterate stopped being finite (NaN or Inf)"
-        else:
-            reason = "the iteration limit was reached"
-        message = (
-            f"idl: {what} fixed-point solve did not converge: {reason}; "
-            f"iterations={record['iterations']}, residual={residual:.3e}"
-        )
-        if on_nonconvergence == "raise":
-            raise SolveNotConverged(message)
-        warnings.warn(message, ImplicitFunctionWarning, stacklevel=3)
-    return record
-
-
-# Where the backward of the solve currently being recorded reports its stats
-# and how it treats non-convergence: (sink, on_nonconvergence). A module sets it
-# around its forward call with idl.implicit.reported_solves; the autograd
-# formulas capture it in their context.
-backward_reporting = contextvars.ContextVar("idl_backward_reporting", default=(None, "warn"))
 
 
 # ---- fake kernels ------------------------------------------------------------
@@ -161,38 +109,22 @@ def _solve_setup(ctx, inputs, output):
     X, Z, _stats = output
     ctx.save_for_backward(A, X, Z)
     ctx.settings = (activation, slope, grad_max_iter, grad_tol, method, memory)
-    ctx.reporting = backward_reporting.get()
     ctx.mark_non_differentiable(Z, _stats)
 
 
 def _solve_backward(ctx, grad_X, _grad_Z, _grad_stats):
     """Implicit differentiation: with V = φ'(Z) ⊙ (V A + dL/dX), dL/dC0 = V and
-    dL/dA = Vᵀ X. No iterate of the forward solve is needed."""
+    dL/dA = Vᵀ X. No iterate of the forward solve is needed. (The layers of
+    idl call idl::implicit_layer, whose stats carry the backward row; this raw
+    op's backward can only warn.)"""
     A, X, Z = ctx.saved_tensors
     V, stats = ops.fixed_point_adjoint(A, Z, grad_X, *ctx.settings)
-    sink, on_nonconvergence = ctx.reporting
-    report_solve(stats, "backward", on_nonconvergence, sink)
+    report_solve(stats, "backward", "warn")
     grad_A = V.t() @ X if ctx.needs_input_grad[0] else None
     return grad_A, V, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("idl::fixed_point", _solve_backward, setup_context=_solve_setup)
-
-
-# ---- the whole layer (csrc/implicit_layer.cpp) ------------------------------
-#
-# Its autograd is in C++; a backward solve that does not converge is handed
-# back here, to warn or raise with idl's own classes.
-
-_lib = torch.library.Library("idl", "FRAGMENT")
-_lib.define("report_nonconvergence(Tensor stats, str what, str policy) -> ()")
-
-
-def _report_nonconvergence(stats, what, policy):
-    report_solve(stats, what, policy)
-
-
-_lib.impl("report_nonconvergence", _report_nonconvergence, "CompositeExplicitAutograd")
 
 
 # ---- the backward ops themselves -------------------------------------------

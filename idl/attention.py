@@ -26,15 +26,14 @@ import torch
 from torch import nn
 
 from . import functional as F
-from ._ops import backward_reporting, not_differentiable, report_solve
+from ._ops import not_differentiable
+from ._stats import SolveStats, is_traced, merge_stats, new_stats, watch
 from .implicit import (
     ImplicitFunctionInf,
-    SolveStats,
     _check_like,
     _check_positive_int,
     check_well_posedness,
-    merge_stats,
-    reported_solves,
+    refuse_function_transforms,
 )
 
 ATTENTIONS = ("softmax", "lipschitz")
@@ -93,16 +92,35 @@ def causal_activation(attention: str, T: int, device) -> Callable[[torch.Tensor]
 # flattened sequences: attention couples a sequence's tokens.
 
 
-def _solve_rows(fn, start, max_iter, tol, method, memory):
-    return F.iterate_rows(start, lambda X: X, fn, max_iter, tol, method, memory)
+def _solve_rows(fn, start, max_iter, tol, method, memory, inputs=()):
+    return F.iterate_rows(start, lambda X: X, fn, max_iter, tol, method, memory, inputs)
+
+
+def _check_op_args(tensors: dict, attention: str, max_iter: int, tol: float, method: str,
+                   memory: int) -> None:
+    """What the compiled ops check of theirs: one dtype and one device for
+    every tensor (a meta one among real ones would give uninitialised memory),
+    and valid settings."""
+    (first_name, first), *rest = tensors.items()
+    for name, t in rest:
+        torch._check_type(t.dtype == first.dtype,
+                          lambda: f"idl: {name} has dtype {t.dtype} but {first_name} has {first.dtype}")
+        torch._check_value(t.device == first.device,
+                           lambda: f"idl: {name} is on {t.device} but {first_name} is on {first.device}")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"idl: attention must be one of {ATTENTIONS}, got {attention!r}")
+    F.SolverOptions(max_iter, tol, method=method, memory=memory)
 
 
 @torch.library.custom_op("idl::attention_solve", mutates_args=())
 def attention_solve(A: torch.Tensor, C0: torch.Tensor, attention: str, max_iter: int, tol: float,
                     grad_max_iter: int, grad_tol: float, method: str,
                     memory: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """X (batch, T, 4·hs) solving X = Φ(X Aᵀ + C0), and the solve's stats.
-    grad_max_iter and grad_tol are for its backward (attention_adjoint)."""
+    """X (batch, T, 4·hs) solving X = Φ(X Aᵀ + C0), and the solve's stats
+    (idl/_stats.py: the backward fills row 1). grad_max_iter and grad_tol are
+    for its backward (attention_adjoint)."""
+    _check_op_args({"A": A, "C0": C0}, attention, max_iter, tol, method, memory)
+    F.SolverOptions(grad_max_iter=grad_max_iter, grad_tol=grad_tol)
     batch, T, _ = C0.shape
     width = A.shape[1]
     phi = causal_activation(attention, T, C0.device)
@@ -110,14 +128,17 @@ def attention_solve(A: torch.Tensor, C0: torch.Tensor, attention: str, max_iter:
     def step(X, rows):
         return phi(X.view(len(rows), T, width) @ A.t() + C0[rows]).flatten(1)
 
-    X, stats = _solve_rows(step, C0.new_zeros(batch, T * width), max_iter, tol, method, memory)
+    stats = new_stats(torch.empty(0))
+    X, stats[0] = _solve_rows(step, C0.new_zeros(batch, T * width), max_iter, tol, method, memory,
+                              inputs=(A, C0))
     return X.view(batch, T, width), stats
 
 
 @attention_solve.register_fake
 def _(A, C0, attention, max_iter, tol, grad_max_iter, grad_tol, method, memory):
+    _check_op_args({"A": A, "C0": C0}, attention, max_iter, tol, method, memory)
     batch, T, _ = C0.shape
-    return C0.new_empty(batch, T, A.shape[1]), torch.empty(3, dtype=torch.float64)
+    return C0.new_empty(batch, T, A.shape[1]), torch.empty(2, 3, dtype=torch.float64)
 
 
 @torch.library.custom_op("idl::attention_adjoint", mutates_args=())
@@ -128,9 +149,10 @@ def attention_adjoint(A: torch.Tensor, C0: torch.Tensor, X: torch.Tensor, G: tor
     F(X, A, C0) = Φ(X Aᵀ + C0), solve W = G + (∂F/∂X)ᵀ W; then dL/dA =
     (∂F/∂A)ᵀ W and dL/dC0 = (∂F/∂C0)ᵀ W. Returns those and the solve's stats.
     (torch.func, since an op's kernel runs below autograd.)"""
+    _check_op_args({"A": A, "C0": C0, "X": X, "G": G}, attention, max_iter, tol, method, memory)
     phi = causal_activation(attention, X.shape[1], X.device)
     mapped, vjp_X = torch.func.vjp(lambda X: phi(X @ A.t() + C0), X)
-    G_rows = G.reshape(X.shape[0], -1)
+    G_rows = G.reshape(X.shape[0], X.shape[1] * X.shape[2])  # batch 0 too
 
     def adjoint_step(W, rows):
         if len(rows) < G_rows.shape[0]:  # sequences are independent: others get 0
@@ -146,6 +168,7 @@ def attention_adjoint(A: torch.Tensor, C0: torch.Tensor, X: torch.Tensor, G: tor
 
 @attention_adjoint.register_fake
 def _(A, C0, X, G, attention, max_iter, tol, method, memory):
+    _check_op_args({"A": A, "C0": C0, "X": X, "G": G}, attention, max_iter, tol, method, memory)
     return torch.empty_like(A), torch.empty_like(C0), torch.empty(3, dtype=torch.float64)
 
 
@@ -154,15 +177,15 @@ def _solve_setup(ctx, inputs, output):
     X, stats = output
     ctx.save_for_backward(A, C0, X)
     ctx.settings = (attention, grad_max_iter, grad_tol, method, memory)
-    ctx.reporting = backward_reporting.get()
+    ctx.stats = stats
     ctx.mark_non_differentiable(stats)
 
 
 def _solve_backward(ctx, grad_X, _grad_stats):
     A, C0, X = ctx.saved_tensors
     grad_A, grad_C0, stats = attention_adjoint(A, C0, X, grad_X, *ctx.settings)
-    sink, on_nonconvergence = ctx.reporting
-    report_solve(stats, "backward", on_nonconvergence, sink)
+    if not is_traced(ctx.stats):
+        ctx.stats[1] = stats
     return grad_A, grad_C0, None, None, None, None, None, None, None
 
 
@@ -319,15 +342,19 @@ class ImplicitAttentionHead(nn.Module):
 
     def state(self, x: torch.Tensor) -> torch.Tensor:
         """The equilibrium [k, q, v, out] (batch, T, 4·hs) for x (differentiable)."""
+        refuse_function_transforms(type(self).__name__)
         self._check_input(x)
         C0 = x @ self.B.t()
         if self.bias:
             C0 = C0 + self.bias_hidden
         o = self.options
         settings = (self.attention, o.max_iter, float(o.tol), o.grad_max_iter, float(o.grad_tol), o.method, o.memory)
-        with reported_solves(self, o.on_nonconvergence) as sink:
-            X, forward_stats = attention_solve(self.effective_A(), C0, *settings)
-        report_solve(forward_stats, "forward", o.on_nonconvergence, sink)
+        X, stats = attention_solve(self.effective_A(), C0, *settings)
+        if torch.compiler.is_compiling():  # a compiled graph cannot read stats
+            self.last_stats = None
+        else:
+            self.last_stats = SolveStats([stats])
+            watch(stats, o.on_nonconvergence, X)
         return X
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

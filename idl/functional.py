@@ -2,17 +2,18 @@
 fixed-point solve, for built-in activations (compiled) and for activations a
 user writes in Python (same algorithm, driven from Python)."""
 import math
+import operator
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._ops import ops, report_solve
+from ._ops import ops
+from ._stats import NONCONVERGENCE_POLICIES, is_traced, new_stats
 
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "hardtanh", "sigmoid", "softplus", "identity")
 PROJECTIONS = ("exact", "scale")
-NONCONVERGENCE_POLICIES = ("warn", "raise")
 
 
 def project_linf(A: torch.Tensor, kappa: float, mode: str = "exact") -> torch.Tensor:
@@ -23,17 +24,31 @@ def project_linf(A: torch.Tensor, kappa: float, mode: str = "exact") -> torch.Te
     ``mode="scale"`` is the upstream torchidl rule, ``A * kappa / ||A||_inf``
     when ``||A||_inf > kappa``.
     """
-    check_kappa(kappa)
+    kappa = check_kappa(kappa)
     if mode not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {mode!r}")
-    return ops.project_linf(A, float(kappa), mode)
+    return ops.project_linf(A, kappa, mode)
 
 
-def check_kappa(kappa):
-    if isinstance(kappa, bool) or not isinstance(kappa, (int, float)):
+def as_float(name, value) -> float:
+    """``value`` as a float: any real number (numpy's too), not a bool, a
+    string or a tensor."""
+    if isinstance(value, (bool, str, torch.Tensor)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}") from None
+
+
+def check_kappa(kappa) -> float:
+    """kappa as a float in (0, 1], or a TypeError/ValueError naming it."""
+    if isinstance(kappa, (bool, str, torch.Tensor)) or not hasattr(kappa, "__float__"):
         raise TypeError(f"kappa must be a float in (0, 1], got {type(kappa).__name__}")
+    kappa = float(kappa)
     if not 0.0 < kappa <= 1.0:
         raise ValueError(f"kappa must be in (0, 1], got {kappa}")
+    return kappa
 
 
 METHODS = ("picard", "anderson")
@@ -66,18 +81,22 @@ class SolverOptions:
     def __post_init__(self):
         for name in ("max_iter", "grad_max_iter", "memory"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, got bool")
+            try:
+                value = operator.index(value)  # numpy's integers too
+            except TypeError:
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
             if not 1 <= value < 2**63:  # the compiled solve counts in int64
                 raise ValueError(f"{name} must be in [1, 2**63), got {value}")
+            object.__setattr__(self, name, value)
         if self.memory > ANDERSON_MAX_MEMORY:
             raise ValueError(f"memory must be <= {ANDERSON_MAX_MEMORY}, got {self.memory}")
         for name in ("tol", "grad_tol"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+            value = as_float(name, getattr(self, name))
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+            object.__setattr__(self, name, value)
         if self.on_nonconvergence not in NONCONVERGENCE_POLICIES:
             raise ValueError(
                 f"on_nonconvergence must be one of {NONCONVERGENCE_POLICIES}, "
@@ -90,25 +109,6 @@ class SolverOptions:
         """The solver arguments of idl::fixed_point after activation/slope."""
         return (self.max_iter, float(self.tol), self.grad_max_iter, float(self.grad_tol),
                 self.method, self.memory)
-
-
-def fixed_point(
-    A: torch.Tensor,
-    C0: torch.Tensor,
-    X0: Optional[torch.Tensor],
-    activation: str,
-    slope: float,
-    options: SolverOptions,
-    sink=None,
-) -> torch.Tensor:
-    """X solving X = φ(X Aᵀ + C0) for a built-in activation, in compiled code.
-
-    Differentiable in A and C0 by implicit differentiation. ``sink(what,
-    record)`` receives the stats of the forward and, later, backward solve.
-    """
-    X, _Z, stats = ops.fixed_point(A, C0, X0, activation, float(slope), *options.forward_args())
-    report_solve(stats, "forward", options.on_nonconvergence, sink)
-    return X
 
 
 # ---- the Python-driven path, for user-defined phi/dphi ----------------------
@@ -162,21 +162,33 @@ class _Anderson:
         return torch.where(usable[:, None], mixed, gx)
 
 
-def iterate_rows(start, matmul, step, max_iter, tol, method="picard", memory=5):
+def iterate_rows(start, matmul, step, max_iter, tol, method="picard", memory=5, inputs=()):
     """The loop of the compiled solver (csrc/cpu/fixed_point.inc), in torch:
     x <- g(x) = step(x M, rows) per sample (mixed by Anderson if asked), a
     sample leaving the working set with answer g(x) once its residual
-    ||g(x) - x||_inf is <= tol. Returns (X, stats tensor)."""
+    ||g(x) - x||_inf is <= tol; a sample that never gets there ends at its
+    last g(x) too (not at a mixed iterate, which the step did not map).
+    NaN or Inf in any of ``inputs`` (the map's matrix and offsets) stops the
+    solve before it starts, with NaN for X and residual: a saturating φ could
+    otherwise hide them. On the meta device, where there is no value to
+    iterate on, X is the shape alone. Returns (X, stats tensor)."""
+    if start.is_meta:
+        return torch.empty_like(start), torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64)
+    for t in inputs:
+        if not torch.isfinite(t).all():
+            nan = float("nan")
+            return torch.full_like(start, nan), torch.tensor([0.0, nan, 0.0], dtype=torch.float64)
     out = start.clone()
     work, rows = start, torch.arange(start.shape[0], device=start.device)
     anderson = _Anderson(len(rows), start.shape[1], memory, start) if method == "anderson" else None
     iterations, finished_worst, active_worst = 0, 0.0, 0.0
+    mapped = work  # g of the working rows' last iterate
     while rows.numel() > 0 and iterations < max_iter:
         new = step(matmul(work), rows)
         iterations += 1
         residual = (new - work).abs().amax(dim=1) if new.shape[1] else new.new_zeros(len(rows))
         if not torch.isfinite(residual).all():
-            work = new
+            mapped = new
             active_worst = float("nan") if torch.isnan(residual).any() else float("inf")
             break
         done = residual <= tol
@@ -184,11 +196,12 @@ def iterate_rows(start, matmul, step, max_iter, tol, method="picard", memory=5):
         if done.any():
             finished_worst = max(finished_worst, residual[done].max().item())
         active_worst = residual[~done].max().item() if (~done).any() else 0.0
+        mapped = new[~done]
         if anderson is not None:
             new = anderson.step(work, new, residual.double())
             anderson.keep(~done)
         work, rows = new[~done], rows[~done]
-    out[rows] = work
+    out[rows] = mapped
     converged = rows.numel() == 0
     worst = active_worst if not math.isfinite(active_worst) else max(finished_worst, active_worst)
     stats = torch.tensor([iterations, worst, float(converged)], dtype=torch.float64)
@@ -199,19 +212,19 @@ class _CustomActivationSolve(torch.autograd.Function):
     """Fixed point and implicit backward for a Python φ, φ'."""
 
     @staticmethod
-    def forward(ctx, A, C0, X0, phi, dphi, options, sink):
+    def forward(ctx, A, C0, X0, phi, dphi, options, stats):
         Z = torch.empty_like(C0)
 
         def step(P, rows):
             Z[rows] = P + C0[rows]
             return phi(Z[rows])
 
-        X, stats = iterate_rows(
-            X0, lambda W: W @ A.t(), step, options.max_iter, options.tol, options.method, options.memory
+        X, stats[0] = iterate_rows(
+            X0, lambda W: W @ A.t(), step, options.max_iter, options.tol, options.method, options.memory,
+            inputs=(A, C0),
         )
-        report_solve(stats, "forward", options.on_nonconvergence, sink)
         ctx.save_for_backward(A, X, Z)
-        ctx.dphi, ctx.options, ctx.sink = dphi, options, sink
+        ctx.dphi, ctx.options, ctx.stats = dphi, options, stats
         return X
 
     @staticmethod
@@ -224,7 +237,8 @@ class _CustomActivationSolve(torch.autograd.Function):
             lambda P, rows: D[rows] * (P + grad_X[rows]),
             ctx.options.grad_max_iter, ctx.options.grad_tol, ctx.options.method, ctx.options.memory,
         )
-        report_solve(stats, "backward", ctx.options.on_nonconvergence, ctx.sink)
+        if not is_traced(ctx.stats):
+            ctx.stats[1] = stats
         return V.t() @ X, V, None, None, None, None, None
 
 
@@ -235,9 +249,13 @@ def fixed_point_custom(
     phi: Callable,
     dphi: Callable,
     options: SolverOptions,
-    sink=None,
-) -> torch.Tensor:
-    """As :func:`fixed_point`, for an activation given as Python callables."""
+):
+    """X solving X = φ(X Aᵀ + C0) for φ = ``phi`` given as a Python callable
+    (``dphi`` its derivative), by the algorithm of the compiled solve, driven
+    from Python, and differentiable in A and C0 by implicit differentiation.
+    Returns X and its stats tensor (see idl/_stats.py), whose backward row
+    the backward pass fills."""
     if X0 is None:
         X0 = torch.zeros_like(C0)
-    return _CustomActivationSolve.apply(A, C0, X0.detach(), phi, dphi, options, sink)
+    stats = new_stats(C0)
+    return _CustomActivationSolve.apply(A, C0, X0.detach(), phi, dphi, options, stats), stats

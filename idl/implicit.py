@@ -1,15 +1,16 @@
 """Implicit functions (how A is kept well-posed, which activation) and
 ImplicitModel, the drop-in nn.Module."""
 import math
+import operator
 import warnings
-from contextlib import contextmanager
 from typing import Optional, Type
 
 import torch
 from torch import nn
 
 from . import functional as F
-from ._ops import backward_reporting, ops, report_solve, stats_record
+from ._ops import ops
+from ._stats import SolveStats, new_stats, watch
 
 
 class ImplicitFunction:
@@ -17,7 +18,31 @@ class ImplicitFunction:
     guarantee. φ is ReLU unless a subclass overrides the static methods ``phi``
     and ``dphi`` (its derivative), which then run on a Python-driven path with
     the same algorithm; built-in activations are picked by name with
-    ``ImplicitModel(activation=...)`` and run in compiled code."""
+    ``ImplicitModel(activation=...)`` and run in compiled code.
+
+    Two class attributes say what a model built on the class needs, and are
+    set for subclasses by themselves:
+
+    - ``well_posedness``: how the compiled layer makes A well-posed itself:
+      ``"none"`` (A as it is), ``"triu"`` or ``"projection"`` (onto the
+      inf-norm ball, in the model's projection mode). A subclass that defines
+      its own ``well_posed`` gets None: the model then computes
+      ``well_posed(A)`` in Python and hands the layer that matrix, autograd
+      carrying the gradient back to the parameters.
+    - ``python_activation``: True for a subclass that overrides ``phi`` and
+      ``dphi``.
+    """
+
+    well_posedness: Optional[str] = "none"
+    python_activation: bool = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        own = vars(cls)
+        if ("well_posed" in own or "well_posed_low_rank" in own) and "well_posedness" not in own:
+            cls.well_posedness = None
+        if ("phi" in own or "dphi" in own) and "python_activation" not in own:
+            cls.python_activation = True
 
     @staticmethod
     def phi(X: torch.Tensor) -> torch.Tensor:
@@ -38,15 +63,13 @@ class ImplicitFunction:
         return cls.well_posed(L @ R.t(), kappa, projection)
 
     @classmethod
-    def has_custom_activation(cls) -> bool:
-        custom_phi = cls.phi is not ImplicitFunction.phi
-        custom_dphi = cls.dphi is not ImplicitFunction.dphi
-        if custom_phi != custom_dphi:
+    def check_activation(cls) -> None:
+        """A Python activation needs both phi and its derivative dphi."""
+        if (cls.phi is ImplicitFunction.phi) != (cls.dphi is ImplicitFunction.dphi):
             raise TypeError(
                 f"f={cls.__name__} overrides only one of phi and dphi: override both, "
                 "dphi being the derivative of phi"
             )
-        return custom_phi
 
 
 class ImplicitFunctionInf(ImplicitFunction):
@@ -54,6 +77,8 @@ class ImplicitFunctionInf(ImplicitFunction):
     before every solve (``projection="exact"``: Euclidean projection, row by
     row onto the l1 ball; ``"scale"``: the upstream rescaling). Gradients flow
     through the projection to the raw parameter."""
+
+    well_posedness = "projection"
 
     @classmethod
     def well_posed(cls, A, kappa, projection):
@@ -73,105 +98,38 @@ class ImplicitFunctionTriu(ImplicitFunction):
     implicit form (nilpotent A, so the solve ends in at most n iterations). The
     parameter itself is never edited; its gradient below the diagonal is 0."""
 
+    well_posedness = "triu"
+
     @classmethod
     def well_posed(cls, A, kappa, projection):
         return torch.triu(A, diagonal=1)
 
 
-class SolveStats:
-    """What the last solves of a model did. ``forward`` and ``backward`` hold
-    ``iterations``, ``residual`` (the largest final per-sample residual) and
-    ``converged``; ``backward`` is None until a backward pass has run.
-
-    ``backward_report`` is where a compiled backward (idl::implicit_layer)
-    writes its stats [iterations, residual, converged], NaN until it has run."""
-
-    def __init__(self, forward: dict, backward: Optional[dict] = None,
-                 backward_report: Optional[torch.Tensor] = None) -> None:
-        self.forward = forward
-        self._backward = backward
-        self._backward_report = backward_report
-
-    @property
-    def backward(self) -> Optional[dict]:
-        if self._backward is None and self._backward_report is not None:
-            values = self._backward_report.tolist()
-            if not math.isnan(values[0]):
-                self._backward = stats_record(values)
-        return self._backward
-
-    def record(self, what: str, record: dict) -> None:
-        """Keep the record of the ``"forward"`` or ``"backward"`` solve (the
-        ``sink`` that the solves report to)."""
-        if what == "forward":
-            self.forward = record
-        else:
-            self._backward = record
-
-    def __repr__(self) -> str:
-        return f"SolveStats(forward={self.forward}, backward={self.backward})"
-
-    def __eq__(self, other) -> bool:
-        if not isinstance(other, SolveStats):
-            return NotImplemented
-        return (self.forward, self.backward) == (other.forward, other.backward)
-
-
-@contextmanager
-def reported_solves(module: nn.Module, on_nonconvergence: str):
-    """Where the solves of one call of ``module`` report: a fresh SolveStats
-    in ``module.last_stats``, whose ``record`` is yielded as the forward
-    solve's sink and reached by the backward through ``backward_reporting``
-    (the autograd context captures it, so the report reaches the right module
-    even when several run at once in different threads).
-
-    A compiled graph can neither set a ContextVar nor call back into a Python
-    sink: there its solves go unreported, ``last_stats`` is None and the sink
-    yielded is None (docs/hardening.md)."""
-    if torch.compiler.is_compiling():
-        module.last_stats = None
-        yield None
-        return
-    stats = module.last_stats = SolveStats(forward={})
-    token = backward_reporting.set((stats.record, on_nonconvergence))
+def as_int(name, value) -> int:
+    """``value`` as an int: any integer (numpy's too, as nn.Linear takes them),
+    not a bool or a float."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
     try:
-        yield stats.record
-    finally:
-        backward_reporting.reset(token)
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
 
 
-def merge_stats(records: list) -> Optional[SolveStats]:
-    """One SolveStats summarising several solves: the most iterations any solve
-    took, the largest residual, and whether all converged. ``backward`` is None
-    until every solve has run its backward pass. None for an empty list."""
-    if not records:
-        return None
-
-    def merge(dicts):
-        return {
-            "iterations": max(d["iterations"] for d in dicts),
-            "residual": max(d["residual"] for d in dicts),
-            "converged": all(d["converged"] for d in dicts),
-        }
-
-    backwards = [r.backward for r in records]
-    backward = None if any(b is None for b in backwards) else merge(backwards)
-    return SolveStats(forward=merge([r.forward for r in records]), backward=backward)
-
-
-def _check_positive_int(name, value, allow_zero=False):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+def _check_positive_int(name, value, allow_zero=False) -> int:
+    value = as_int(name, value)
     if value < (0 if allow_zero else 1):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '>= 1'}, got {value}")
+    return value
 
 
 def check_well_posedness(kappa, projection, is_low_rank, rank, max_rank, max_rank_text):
     """Checks the settings that keep A well-posed (shared by every implicit
     layer): kappa in (0, 1], a known projection, and with is_low_rank a rank
     in [1, max_rank] (``max_rank_text`` says in the message what bounds it).
-    A rank without is_low_rank is ignored, as torchidl does, with a warning."""
-    F.check_kappa(kappa)
+    A rank without is_low_rank is ignored, as torchidl does, with a warning.
+    Returns kappa and rank as a float and an int (or None)."""
+    kappa = F.check_kappa(kappa)
     if projection not in F.PROJECTIONS:
         raise ValueError(f"projection must be one of {F.PROJECTIONS}, got {projection!r}")
     if rank is not None and not is_low_rank:
@@ -180,16 +138,17 @@ def check_well_posedness(kappa, projection, is_low_rank, rank, max_rank, max_ran
     if is_low_rank:
         if rank is None:
             raise ValueError("rank is required when is_low_rank=True")
-        _check_positive_int("rank", rank)
+        rank = _check_positive_int("rank", rank)
         if rank > max_rank:
             raise ValueError(f"rank must be <= {max_rank_text}, got {rank}")
+    return kappa, rank
 
 
-def _check_finite_float(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+def _check_finite_float(name, value) -> float:
+    value = F.as_float(name, value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+    return value
 
 
 class ImplicitModel(nn.Module):
@@ -251,28 +210,29 @@ class ImplicitModel(nn.Module):
         anderson_memory: int = 5,
     ) -> None:
         super().__init__()
-        _check_positive_int("input_dim", input_dim)
-        _check_positive_int("output_dim", output_dim)
-        _check_positive_int("hidden_dim", hidden_dim)
+        input_dim = _check_positive_int("input_dim", input_dim)
+        output_dim = _check_positive_int("output_dim", output_dim)
+        hidden_dim = _check_positive_int("hidden_dim", hidden_dim)
         if not (isinstance(f, type) and issubclass(f, ImplicitFunction)):
             raise TypeError(f"f must be a subclass of idl.ImplicitFunction, got {f!r}")
-        self.custom_activation = f.has_custom_activation()
+        f.check_activation()
         if activation not in F.ACTIVATIONS:
             raise ValueError(f"activation must be one of {F.ACTIVATIONS}, got {activation!r}")
-        if self.custom_activation and activation != "relu":
+        if f.python_activation and activation != "relu":
             raise ValueError(
                 f"activation={activation!r} conflicts with f={f.__name__}, which defines its own phi"
             )
-        check_well_posedness(kappa, projection, is_low_rank, rank, hidden_dim, f"hidden_dim={hidden_dim}")
-        _check_finite_float("negative_slope", negative_slope)
+        kappa, rank = check_well_posedness(kappa, projection, is_low_rank, rank, hidden_dim,
+                                           f"hidden_dim={hidden_dim}")
+        negative_slope = _check_finite_float("negative_slope", negative_slope)
         if activation == "leaky_relu" and abs(negative_slope) > 1:
             # ||A||_inf < 1 makes the fixed point unique only for a 1-Lipschitz φ
             raise ValueError(
                 f"negative_slope must be in [-1, 1] (leaky_relu must be 1-Lipschitz for the "
                 f"model to be well-posed), got {negative_slope}"
             )
-        _check_positive_int("mitr", mitr)  # named as the user wrote them; SolverOptions
-        _check_positive_int("grad_mitr", grad_mitr)  # checks the rest
+        mitr = _check_positive_int("mitr", mitr)  # named as the user wrote them;
+        grad_mitr = _check_positive_int("grad_mitr", grad_mitr)  # SolverOptions checks the rest
         self.options = F.SolverOptions(
             mitr, tol, grad_mitr, grad_tol, on_nonconvergence, method=solver, memory=anderson_memory
         )
@@ -337,29 +297,18 @@ class ImplicitModel(nn.Module):
             _check_like(X0, self.B, "X0")
         return U
 
+    def forward(self, U: torch.Tensor, X0: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.forward_with_state(U, X0)[0]
+
     def implicit_state(self, U: torch.Tensor, X0: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The equilibrium X (batch, hidden_dim) for input U (differentiable)."""
-        return self._state(self._check_input(U, X0), X0)
+        return self._layer(self._check_input(U, X0), X0, readout=False)[1]
 
-    def _state(self, U: torch.Tensor, X0: Optional[torch.Tensor]) -> torch.Tensor:
-        C0 = U @ self.B.t()
-        if self.bias:
-            C0 = C0 + self.bias_hidden
-        if not _autocasting(U):
-            return self._solve(C0, X0)
-        # The solve runs in the parameters' precision, which its tolerance
-        # needs, whatever lower precision autocast gave U and C0.
-        with torch.autocast(U.device.type, enabled=False):
-            dtype = self.B.dtype
-            return self._solve(C0.to(dtype), None if X0 is None else X0.to(dtype))
-
-    def _solve(self, C0: torch.Tensor, X0: Optional[torch.Tensor]) -> torch.Tensor:
-        A = self.effective_A()
-        if self.custom_activation:  # its autograd.Function holds the sink itself
-            stats = self.last_stats = SolveStats(forward={})
-            return F.fixed_point_custom(A, C0, X0, self.f.phi, self.f.dphi, self.options, stats.record)
-        with reported_solves(self, self.options.on_nonconvergence) as sink:
-            return F.fixed_point(A, C0, X0, self.activation, self.negative_slope, self.options, sink)
+    def forward_with_state(self, U: torch.Tensor, X0: Optional[torch.Tensor] = None):
+        """(output, equilibrium X) for input U, from one solve (both
+        differentiable): what a recurrent cell needs, its X being the next
+        step's warm start."""
+        return self._layer(self._check_input(U, X0), X0, readout=True)
 
     def readout(self, U: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
         """Ŷ = X Cᵀ + U Dᵀ (+ bias) for input U and its equilibrium X."""
@@ -371,57 +320,88 @@ class ImplicitModel(nn.Module):
             Y = Y + self.bias_out
         return Y
 
-    def forward(self, U: torch.Tensor, X0: Optional[torch.Tensor] = None) -> torch.Tensor:
-        U = self._check_input(U, X0)
-        well_posed = self._compiled_well_posed(U)
-        if well_posed is None:
-            return self.readout(U, self._state(U, X0))
-        return self._compiled_forward(U, X0, well_posed)
+    def _layer(self, U: torch.Tensor, X0: Optional[torch.Tensor], readout: bool):
+        """(Y, X): the whole layer, one solve. Under autocast it runs in the
+        parameters' dtype (the solve's tolerance needs it), whatever lower
+        precision autocast gave U."""
+        refuse_function_transforms(type(self).__name__)
+        if _autocasting(U):
+            device = U.device.type
+            with torch.autocast(device, enabled=False):
+                dtype = self.B.dtype
+                Y, X = self._layer(U.to(dtype), None if X0 is None else X0.to(dtype), readout)
+            # the output in autocast's precision, as a float32 Linear's would be
+            if Y is not None and Y.dtype == torch.float32:
+                Y = Y.to(torch.get_autocast_dtype(device))
+            return Y, X
+        if self.f.python_activation:
+            Y, X, stats = self._python_layer(U, X0, readout)
+        else:
+            Y, X, stats = self._compiled_layer(U, X0, readout)
+        if torch.compiler.is_compiling():  # a compiled graph cannot read stats
+            self.__dict__["last_stats"] = None
+        else:
+            # a plain attribute: nn.Module.__setattr__ would look for a parameter first
+            self.__dict__["last_stats"] = SolveStats([stats])
+            watch(stats, self.options.on_nonconvergence, X)
+        return Y, X
 
-    def _compiled_well_posed(self, U: torch.Tensor) -> Optional[str]:
-        """How idl::implicit_layer is to make A well-posed ("none", "triu",
-        "exact" or "scale"), or None where the layer is not one it computes:
-        a Python activation, a user's own well_posed, low rank, autocast."""
-        if self.custom_activation or self.is_low_rank or _autocasting(U):
-            return None
-        own = self.f.well_posed.__func__
-        if own is ImplicitFunctionInf.well_posed.__func__:
-            return self.projection
-        if own is ImplicitFunctionTriu.well_posed.__func__:
-            return "triu"
-        return "none" if own is ImplicitFunction.well_posed.__func__ else None
-
-    def _compiled_forward(self, U, X0, well_posed):
-        """The whole forward as one op, with its backward in C++: at small
-        sizes, per-op overhead would otherwise be most of a training step."""
-        # A compiled graph cannot read stats: its solves go unreported.
-        compiling = torch.compiler.is_compiling()
-        report = None if compiling else torch.full((3,), math.nan, dtype=torch.float64)
-        options = self.options
-        params = self._parameters  # what self.A etc. look up, the long way round
-        Y, stats = ops.implicit_layer(
-            U, params["A"], params["B"], params["C"], None if self.no_D else params["D"],
-            params["bias_hidden"] if self.bias else None, params["bias_out"] if self.bias else None,
-            X0, well_posed, self.kappa, self.activation, self.negative_slope,
-            *options.forward_args(), options.on_nonconvergence, report,
+    def _compiled_layer(self, U, X0, readout):
+        """idl::implicit_layer, which makes A well-posed itself where the
+        ImplicitFunction says how (else it is handed the effective A), and
+        runs the whole forward as one op with its backward in C++."""
+        well_posedness = self.f.well_posedness
+        if self.is_low_rank or well_posedness is None:
+            A, well_posed = self.effective_A(), "none"
+        else:
+            A = self.A
+            well_posed = self.projection if well_posedness == "projection" else well_posedness
+        if readout:
+            C, D = self.C, None if self.no_D else self.D
+            bias_out = self.bias_out if self.bias else None
+        else:  # no output wanted: q = 0
+            C, D, bias_out = self.B.new_empty(0, self.hidden_dim), None, None
+        return ops.implicit_layer(
+            U, A, self.B, C, D, self.bias_hidden if self.bias else None, bias_out, X0,
+            well_posed, self.kappa, self.activation, self.negative_slope, *self.options.forward_args(),
         )
-        stats_now = None if compiling else SolveStats(forward={}, backward_report=report)
-        # a plain attribute: nn.Module.__setattr__ would look for a parameter first
-        self.__dict__["last_stats"] = stats_now
-        if stats_now is not None:
-            report_solve(stats, "forward", options.on_nonconvergence, stats_now.record)
-        return Y
+
+    def _python_layer(self, U, X0, readout):
+        """The same layer for a Python phi/dphi: the solve driven from Python."""
+        C0 = U @ self.B.t()
+        if self.bias:
+            C0 = C0 + self.bias_hidden
+        X, stats = F.fixed_point_custom(self.effective_A(), C0, X0, self.f.phi, self.f.dphi, self.options)
+        return (self.readout(U, X) if readout else None), X, stats
 
     def extra_repr(self) -> str:
         parts = [
             f"input_dim={self.input_dim}, output_dim={self.output_dim}, hidden_dim={self.hidden_dim}",
             f"f={self.f.__name__}",
-            f"activation={'custom' if self.custom_activation else self.activation}",
+            f"activation={'custom' if self.f.python_activation else self.activation}",
             f"kappa={self.kappa}, projection={self.projection!r}, solver={self.options.method!r}",
         ]
         if self.is_low_rank:
             parts.append(f"rank={self.rank}")
         return ", ".join(parts)
+
+
+def refuse_function_transforms(who: str) -> None:
+    """A clear error under torch.func's transforms (vmap, grad, jacrev, jvp,
+    ...), which the solves' autograd (a C++ autograd function, and Python
+    ones without vmap rules) cannot serve: rather than torch's own message
+    about C++ functions or data pointers."""
+    if torch.compiler.is_compiling():  # dynamo runs transforms its own way
+        return
+    interpreter = torch._C._functorch.peek_interpreter_stack()
+    if interpreter is None:
+        return
+    transform = str(interpreter.key()).rsplit(".", 1)[-1].lower()
+    raise NotImplementedError(
+        f"idl: {who} does not support torch.func transforms yet (called under torch.func's "
+        f"{transform}): use torch.autograd.grad for gradients, and a loop over samples instead "
+        "of vmap (an implicit layer is row-wise: a batch is already a loop over samples)"
+    )
 
 
 def _autocasting(t: torch.Tensor) -> bool:
@@ -432,7 +412,12 @@ def _autocasting(t: torch.Tensor) -> bool:
 
 
 def _check_like(t: torch.Tensor, param: torch.Tensor, name: str) -> None:
-    if t.dtype != param.dtype and not (t.is_floating_point() and _autocasting(t)):
+    if not t.is_floating_point():
+        raise TypeError(
+            f"{name} has dtype {t.dtype}, but an implicit model computes in floating point; "
+            f"convert it (e.g. {name}.to({param.dtype}))"
+        )
+    if t.dtype != param.dtype and not _autocasting(t):
         raise TypeError(
             f"{name} has dtype {t.dtype} but the model's parameters are {param.dtype}; "
             f"convert one of them (e.g. model.to({t.dtype}))"

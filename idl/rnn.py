@@ -14,7 +14,8 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .implicit import ImplicitModel, SolveStats, _check_like, _check_positive_int, merge_stats
+from ._stats import SolveStats, merge_stats
+from .implicit import ImplicitModel, _check_like, _check_positive_int
 
 
 def _check_sequence(x, h0, input_dim: int, hidden_dim: int, like: torch.Tensor) -> None:
@@ -66,7 +67,7 @@ class ImplicitRNNCell(nn.Module):
         have the dtype and device of x (which must match the parameters').
 
     After a call, ``step_stats`` holds every step's SolveStats and
-    ``last_stats`` summarises them (see :func:`idl.implicit.merge_stats`).
+    ``last_stats`` summarises them (the most iterations, the largest residual).
     """
 
     def __init__(self, input_dim: int, implicit_hidden_dim: int, hidden_dim: int, **implicit_kwargs: Any) -> None:
@@ -103,9 +104,8 @@ class ImplicitRNNCell(nn.Module):
             # The warm start only picks where the solve begins: no gradient
             # flows through it, the implicit backward of each step is exact.
             start = None if state is None else state.detach()
-            state = self.layer.implicit_state(U, start)
+            h, state = self.layer.forward_with_state(U, start)
             stats.append(self.layer.last_stats)
-            h = self.layer.readout(U, state)
             outputs.append(h)
         self.step_stats = stats
         return torch.stack(outputs, dim=1), h

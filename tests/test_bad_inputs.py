@@ -204,23 +204,37 @@ def poisoned(name, index, value, **kwargs):
 
 NAN, INF = float("nan"), float("inf")
 
-# (id, the model's settings, a function (settings) -> output, iterations). A
-# solve from X = 0 skips its first product (0 Aᵀ = 0), so a poisoned A shows
-# in the second iteration; the others in the first.
+# (id, the model's settings, a function (settings) -> output, iterations).
+# NaN or Inf in A or in the offsets U Bᵀ + b is found before the first
+# iteration (0 iterations): a saturating φ, or ReLU units all dead, could hide
+# it from the iterates. A poisoned X0 shows in the first iteration.
 NON_FINITE_CASES = [
-    ("U_inf", {}, lambda s: model(**s)(torch.tensor([[1.0, INF, 0.0]])), 1),
+    ("U_inf", {}, lambda s: model(**s)(torch.tensor([[1.0, INF, 0.0]])), 0),
     ("U_nan_python_activation", {"f": None},
-     lambda s: model(**s)(torch.tensor([[1.0, NAN, 0.0]])), 1),
-    ("A_nan", {}, lambda s: poisoned("A", (0, 0), NAN, **s)(U), 2),
-    ("A_inf", {}, lambda s: poisoned("A", (1, 2), INF, **s)(U), 2),
+     lambda s: model(**s)(torch.tensor([[1.0, NAN, 0.0]])), 0),
+    ("A_nan", {}, lambda s: poisoned("A", (0, 0), NAN, **s)(U), 0),
+    ("A_inf", {}, lambda s: poisoned("A", (1, 2), INF, **s)(U), 0),
     ("A_inf_scale_projection", {"projection": "scale"},
-     lambda s: poisoned("A", (1, 2), INF, **s)(U), 2),
+     lambda s: poisoned("A", (1, 2), INF, **s)(U), 0),
     ("L_nan_low_rank", {"is_low_rank": True, "rank": 2},
-     lambda s: poisoned("L", (0, 1), NAN, **s)(U), 2),
-    ("B_nan", {}, lambda s: poisoned("B", (0, 0), NAN, **s)(U), 1),
-    ("bias_hidden_inf", {"bias": True}, lambda s: poisoned("bias_hidden", 2, INF, **s)(U), 1),
+     lambda s: poisoned("L", (0, 1), NAN, **s)(U), 0),
+    ("B_nan", {}, lambda s: poisoned("B", (0, 0), NAN, **s)(U), 0),
+    ("bias_hidden_inf", {"bias": True}, lambda s: poisoned("bias_hidden", 2, INF, **s)(U), 0),
     ("X0_nan", {}, lambda s: model(**s)(U, X0=torch.full((2, 4), NAN)), 1),
+    # every ReLU unit dead (U = 0): the iterates never touch A
+    ("A_nan_relu_dead_units", {}, lambda s: poisoned("A", (0, 0), NAN, **s)(torch.zeros(2, 3)), 0),
+    ("A_nan_python_activation_dead_units", {"f": None},
+     lambda s: poisoned("A", (0, 0), NAN, **s)(torch.zeros(2, 3)), 0),
+    # saturating activations would map Inf pre-activations to finite states
+    *[(f"A_inf_{act}_inference", {"activation": act},
+       lambda s: _no_grad(poisoned("A", (1, 2), sign * INF, **s), U), 0)
+      for act in ("tanh", "sigmoid", "hardtanh", "softplus") for sign in (1, -1)],
 ]
+
+
+def _no_grad(module, U):
+    with torch.no_grad():
+        return module(U)
 
 
 def settings_of(case_settings, policy):

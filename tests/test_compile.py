@@ -10,6 +10,7 @@ import torch
 
 import idl
 from custom_activations import Softsign
+from stats_opcheck import opcheck_with_stats
 
 # A few idl layers with different settings between ordinary layers, so one
 # compilation covers projection modes, low rank, biases and activations.
@@ -165,8 +166,8 @@ def test_attention_ops_opcheck():
     A = 0.1 * torch.randn(6, 8, generator=g, dtype=torch.float64)
     C0 = torch.randn(2, 3, 6, generator=g, dtype=torch.float64)
     settings = ("softmax", 500, 1e-12, 500, 1e-12, "picard", 5)
-    torch.library.opcheck(torch.ops.idl.attention_solve.default,
-                          (A.requires_grad_(), C0.requires_grad_(), *settings))
+    opcheck_with_stats(torch.ops.idl.attention_solve.default,
+                       (A.requires_grad_(), C0.requires_grad_(), *settings), stats_index=1)
     X, _ = attention_solve(A.detach(), C0.detach(), *settings)
     G = torch.randn(X.shape, generator=g, dtype=torch.float64)
     args = (A.detach(), C0.detach(), X, G, "softmax", 500, 1e-12, "picard", 5)

@@ -78,7 +78,30 @@ def test_meta_device_model_gives_shapes_without_data():
     model = idl.ImplicitModel(5, 3, 8, bias=True).to("meta")
     out = model(torch.empty(7, 5, device="meta"))
     assert out.shape == (7, 3) and out.device.type == "meta"
-    assert model.last_stats.forward == {}  # nothing to read on meta
+    assert model.last_stats.forward is None  # nothing to read on meta
+
+
+@pytest.mark.parametrize("f", [idl.ImplicitFunctionInf, Softsign], ids=["compiled", "python_activation"])
+def test_meta_device_model_runs_its_backward(f):
+    """Forward and backward on meta give shapes (they used to fail copying
+    stats out of meta, or reading a value with .item())."""
+    model = idl.ImplicitModel(5, 3, 8, bias=True, f=f).to("meta")
+    U = torch.empty(7, 5, device="meta", requires_grad=True)
+    model(U).sum().backward()
+    assert U.grad.shape == (7, 5) and U.grad.device.type == "meta"
+    assert all(p.grad.shape == p.shape for p in model.parameters())
+
+
+def test_fake_tensor_backward():
+    """Under FakeTensorMode (shape propagation, as torch.compile's tracing
+    does it) the backward runs too: no data is ever read."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        model = idl.ImplicitModel(5, 3, 8, bias=True)
+        U = torch.empty(7, 5, requires_grad=True)
+        model(U).sum().backward()
+        assert U.grad.shape == (7, 5) and model.A.grad.shape == (8, 8)
 
 
 @pytest.mark.parametrize("settings", [dict(), dict(is_low_rank=True, rank=2, no_D=True)],

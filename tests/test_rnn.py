@@ -62,14 +62,15 @@ def test_each_step_is_the_inner_models_output_and_warm_started(monkeypatch):
     cell = ImplicitRNNCell(2, 5, 3, **TIGHT).double()
     x = torch.randn(4, 4, 2, dtype=torch.float64)
     starts, states = [], []
-    solve = cell.layer.implicit_state
+    solve = cell.layer.forward_with_state
 
     def recording(U, X0=None):
         starts.append(X0)
-        states.append(solve(U, X0))
-        return states[-1]
+        h, state = solve(U, X0)
+        states.append(state)
+        return h, state
 
-    monkeypatch.setattr(cell.layer, "implicit_state", recording)
+    monkeypatch.setattr(cell.layer, "forward_with_state", recording)
     outputs, _ = cell(x)
     monkeypatch.undo()
 

@@ -48,7 +48,7 @@ class ImplicitFunctionInfSiLU(ImplicitFunctionInf):
 def test_custom_silu_activation_trains():
     torch.manual_seed(0)
     model = ImplicitModel(input_dim=64, output_dim=10, hidden_dim=128, f=ImplicitFunctionInfSiLU)
-    assert model.custom_activation
+    assert model.f.python_activation
     x, y = torch.randn(5, 64), torch.randn(5, 10)
     losses = train(model, x, y)
     assert losses[-1] < 0.5 * losses[0]
