@@ -140,7 +140,8 @@ idl_stats idl_adjoint_f64(int64_t m, int64_t n, idl_matmul matmul_a,
  * threshold_stride] (stride 0: one threshold for all rows): every entry is
  * soft-thresholded by t_i, then the first `ball_cols` entries are projected
  * onto the l1 ball of `radius` (a radius of INFINITY, or ball_cols = 0, means
- * no ball). */
+ * no ball). A row of w holding NaN or Inf comes out all NaN, so that the
+ * solver calling the prox sees it. */
 void idl_prox_l1_ball_f32(int64_t rows, int64_t cols, const float *w,
                           int64_t ldw, const float *threshold,
                           int64_t threshold_stride, double radius,
