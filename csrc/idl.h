@@ -112,8 +112,9 @@ int64_t idl_solve_workspace_bytes(int64_t m, int64_t n, int64_t elem_size,
 /* Forward: X = φ(X Aᵀ + C0), iterating from X0 (NULL: from 0, whose product
  * is skipped). `matmul` multiplies by Aᵀ.
  * Writes X and Z with X = φ(Z) exactly, Z = X_prev Aᵀ + C0 for the last
- * iterate X_prev. A sample stops iterating as soon as its own residual is
- * <= tol. */
+ * iterate X_prev (converged or not: for Anderson, X_prev is the last mixed
+ * iterate, and X is the map's value there, not the mix). A sample stops
+ * iterating as soon as its own residual is <= tol. */
 idl_stats idl_fixed_point_f32(int64_t m, int64_t n, idl_matmul matmul_at,
                               const float *c0, const float *x0, idl_act act,
                               idl_solver solver, float *x, float *z,
@@ -124,7 +125,9 @@ idl_stats idl_fixed_point_f64(int64_t m, int64_t n, idl_matmul matmul_at,
                               void *workspace);
 
 /* Adjoint: V = φ'(Z) ⊙ (V A + G), iterating from V = 0. `matmul` multiplies
- * by A. This is dL/dZ at the fixed point for G = dL/dX. */
+ * by A. This is dL/dZ at the fixed point for G = dL/dX. As in the forward
+ * solve, V is the map's value at the last iterate, V = φ'(Z) ⊙ (V_prev A + G),
+ * converged or not. */
 idl_stats idl_adjoint_f32(int64_t m, int64_t n, idl_matmul matmul_a,
                           const float *z, const float *g, idl_act act,
                           idl_solver solver, float *v, void *workspace);

@@ -7,7 +7,7 @@ import torch
 
 import idl
 from idl import functional as F
-from reference import dphi, implicit_vjp, picard, project_rows_l1
+from reference import dphi, implicit_vjp, phi, picard, project_rows_l1
 
 ACTIVATIONS = list(idl.ACTIVATIONS)
 TIGHT = F.SolverOptions(max_iter=10_000, tol=1e-13, grad_max_iter=10_000, grad_tol=1e-13)
@@ -240,3 +240,15 @@ def test_bad_settings():
         solve(A, C0, method="anderson", memory=0)
     with pytest.raises(ValueError, match="memory"):
         solve(A, C0, method="anderson", memory=17)
+
+
+@pytest.mark.parametrize("method", ["picard", "anderson"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_unconverged_solve_still_has_x_equal_phi_of_z(activation, method):
+    """Stopped by max_iter, X = φ(Z) still holds (idl.h): Anderson's next
+    iterate is a mix whose Z was never formed, so it is not the answer."""
+    A, C0 = problem(m=8, n=10, kappa=0.95)
+    X, Z, stats = torch.ops.idl.fixed_point(A, C0, None, activation, 0.1, 5, 1e-12, 5, 1e-12, method, 5)
+    assert stats.tolist()[::2] == [5.0, 0.0]
+    torch.testing.assert_close(X, phi(activation, Z, 0.1), rtol=1e-15, atol=1e-15)
+
