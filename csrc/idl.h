@@ -69,9 +69,13 @@ void idl_project_linf_backward_f64(idl_projection mode, int64_t rows,
 /* ---- fixed-point solves --------------------------------------------------- */
 
 /* out (rows x n) = left (rows x n) times a fixed n x n matrix held in ctx. The
- * caller supplies it (csrc/ops.cpp routes it to ATen's GEMM). */
-typedef void (*idl_matmul_fn)(void *ctx, int64_t rows, const void *left,
-                              void *out);
+ * caller supplies it (csrc/ops.cpp routes it to ATen's GEMM). Returns 0, or
+ * nonzero when it failed: the solve then stops at once, calls it no more, and
+ * reports the value in idl_stats.error. The callback must not unwind through
+ * the solve (C frames): a C++ one catches its exceptions and keeps them in
+ * ctx for its caller to rethrow (csrc/aten_matmul.h). */
+typedef int (*idl_matmul_fn)(void *ctx, int64_t rows, const void *left,
+                             void *out);
 
 typedef struct {
     idl_matmul_fn matmul;
@@ -98,11 +102,14 @@ typedef struct {
 } idl_solver;
 
 /* What a solve did. `residual` is the largest final residual over samples,
- * NaN or Inf when an iterate stopped being finite (the solve stops there). */
+ * NaN or Inf when an iterate stopped being finite (the solve stops there).
+ * `error` is 0, or the nonzero value the matmul callback returned: then the
+ * solve stopped right there, and its outputs hold nothing meaningful. */
 typedef struct {
     int64_t iterations;
     double residual;
     int converged;
+    int error;
 } idl_stats;
 
 /* Bytes of workspace a solve of m samples of width n needs. */

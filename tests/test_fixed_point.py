@@ -252,3 +252,38 @@ def test_unconverged_solve_still_has_x_equal_phi_of_z(activation, method):
     assert stats.tolist()[::2] == [5.0, 0.0]
     torch.testing.assert_close(X, phi(activation, Z, 0.1), rtol=1e-15, atol=1e-15)
 
+
+@pytest.fixture
+def failing_cpu_gemm():
+    """aten::mm.out on CPU, which the solves' GEMM calls, replaced by one that
+    raises on its third call; yields the list of the calls' row counts."""
+    calls = []
+
+    def mm_out(self, mat2, *, out):
+        calls.append(self.shape[0])
+        if len(calls) == 3:
+            raise RuntimeError("GEMM failed on purpose")
+        return out.copy_(torch.mm(self, mat2))
+
+    lib = torch.library.Library("aten", "IMPL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+        lib.impl("mm.out", mm_out, "CPU")
+    try:
+        yield calls
+    finally:
+        lib._destroy()
+
+
+@pytest.mark.parametrize("method", ["picard", "anderson"])
+def test_gemm_error_inside_a_solve_is_raised_once_and_stops_it(failing_cpu_gemm, method):
+    """The exception crosses no C frame: it is kept, the solve stops at once,
+    and the op raises it."""
+    A, C0 = problem()
+    with pytest.raises(RuntimeError, match="GEMM failed on purpose"):
+        solve(A, C0, "tanh", X0=torch.zeros_like(C0), method=method)
+    assert len(failing_cpu_gemm) == 3
+    failing_cpu_gemm.clear()
+    with pytest.raises(RuntimeError, match="GEMM failed on purpose"):
+        torch.ops.idl.fixed_point_adjoint(A, C0, C0, "tanh", 0.0, 100, 1e-12, method, 5)
+    assert len(failing_cpu_gemm) == 3
