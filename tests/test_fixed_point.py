@@ -7,6 +7,7 @@ import torch
 
 import idl
 from idl import functional as F
+from devices import DEVICES
 from reference import dphi, implicit_vjp, phi, picard, project_rows_l1
 
 ACTIVATIONS = list(idl.ACTIVATIONS)
@@ -251,6 +252,34 @@ def test_unconverged_solve_still_has_x_equal_phi_of_z(activation, method):
     X, Z, stats = torch.ops.idl.fixed_point(A, C0, None, activation, 0.1, 5, 1e-12, 5, 1e-12, method, 5)
     assert stats.tolist()[::2] == [5.0, 0.0]
     torch.testing.assert_close(X, phi(activation, Z, 0.1), rtol=1e-15, atol=1e-15)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_width_solve_takes_no_iteration(device):
+    A = torch.empty(0, 0, dtype=torch.float64, device=device)
+    C0 = torch.empty(4, 0, dtype=torch.float64, device=device)
+    X, Z, stats = torch.ops.idl.fixed_point(A, C0, None, "tanh", 0.0, 100, 1e-10, 100, 1e-10)
+    assert X.shape == Z.shape == (4, 0)
+    assert stats.tolist() == [0.0, 0.0, 1.0]
+    V, stats = torch.ops.idl.fixed_point_adjoint(A, Z, torch.empty_like(Z), "tanh", 0.0, 100, 1e-10)
+    assert V.shape == (4, 0)
+    assert stats.tolist() == [0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_in_A_shows_at_the_second_iteration_from_zero(device):
+    """From zero the first product, 0 A^T, is skipped (one GEMM fewer), so a
+    NaN in A shows in the second iteration, forward and adjoint alike."""
+    A, C0 = problem(m=5, n=6)
+    _, Z, _ = solve(A, C0, "tanh")
+    A[1, 2] = float("nan")
+    A, C0, Z = A.to(device), C0.to(device), Z.to(device)
+    _, _, stats = torch.ops.idl.fixed_point(A, C0, None, "tanh", 0.0, 100, 1e-10, 100, 1e-10)
+    iterations, residual, converged = stats.tolist()
+    assert (iterations, converged) == (2.0, 0.0) and residual != residual
+    _, stats = torch.ops.idl.fixed_point_adjoint(A, Z, torch.ones_like(Z), "tanh", 0.0, 100, 1e-10)
+    iterations, residual, converged = stats.tolist()
+    assert (iterations, converged) == (2.0, 0.0) and residual != residual
 
 
 @pytest.fixture
