@@ -130,7 +130,11 @@ IDL_HD static inline int idl_l1_step(idl_l1_cut *cut, double gap_sum, double cou
     if (count == cut->count || count == 0.0)
         return 0;
     cut->count = count;
-    const double next = (gap_sum + cut->radius) / count;
+    /* theta >= 0 outside the ball, so delta <= top: capped there, rounding
+     * cannot let zero entries (gap = top) into S */
+    const double cap = cut->top * cut->unit;
+    double next = (gap_sum + cut->radius) / count;
+    next = next < cap ? next : cap;
     cut->delta = next < cut->delta ? next : cut->delta;
     return 1;
 }
