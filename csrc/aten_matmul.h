@@ -6,24 +6,43 @@
 
 #include <ATen/ATen.h>
 
+#include <exception>
+#include <utility>
+
 #include "idl.h"
 
 namespace idl_glue {
 
 // The fixed right factor of a solve's products: out = left · matrix.
 struct RightFactor {
+    explicit RightFactor(at::Tensor matrix_) : matrix(std::move(matrix_)) {}
+
     at::Tensor matrix;  // n x n, possibly a transposed view
+    // What the GEMM threw: it must not unwind through the C solve, so it is
+    // kept here, the solve stops, and the glue rethrows it (rethrow_error).
+    std::exception_ptr error;
+
+    void rethrow_error() const {
+        if (error) std::rethrow_exception(error);
+    }
 };
 
 // idl_matmul_fn for a RightFactor: `left` and `out` are rows x n, contiguous,
-// in memory of the matrix's device and dtype.
-inline void matmul_by_factor(void* ctx, int64_t rows, const void* left, void* out) {
-    const auto& m = static_cast<RightFactor*>(ctx)->matrix;
-    const int64_t n = m.size(0);
-    auto opts = m.options();
-    auto left_t = at::from_blob(const_cast<void*>(left), {rows, n}, opts);
-    auto out_t = at::from_blob(out, {rows, n}, opts);
-    at::mm_out(out_t, left_t, m);
+// in memory of the matrix's device and dtype. Returns 1 when it threw.
+inline int matmul_by_factor(void* ctx, int64_t rows, const void* left, void* out) noexcept {
+    auto* factor = static_cast<RightFactor*>(ctx);
+    try {
+        const auto& m = factor->matrix;
+        const int64_t n = m.size(0);
+        auto opts = m.options();
+        auto left_t = at::from_blob(const_cast<void*>(left), {rows, n}, opts);
+        auto out_t = at::from_blob(out, {rows, n}, opts);
+        at::mm_out(out_t, left_t, m);
+        return 0;
+    } catch (...) {
+        factor->error = std::current_exception();
+        return 1;
+    }
 }
 
 }  // namespace idl_glue

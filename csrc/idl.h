@@ -69,9 +69,13 @@ void idl_project_linf_backward_f64(idl_projection mode, int64_t rows,
 /* ---- fixed-point solves --------------------------------------------------- */
 
 /* out (rows x n) = left (rows x n) times a fixed n x n matrix held in ctx. The
- * caller supplies it (csrc/ops.cpp routes it to ATen's GEMM). */
-typedef void (*idl_matmul_fn)(void *ctx, int64_t rows, const void *left,
-                              void *out);
+ * caller supplies it (csrc/ops.cpp routes it to ATen's GEMM). Returns 0, or
+ * nonzero when it failed: the solve then stops at once, calls it no more, and
+ * reports the value in idl_stats.error. The callback must not unwind through
+ * the solve (C frames): a C++ one catches its exceptions and keeps them in
+ * ctx for its caller to rethrow (csrc/aten_matmul.h). */
+typedef int (*idl_matmul_fn)(void *ctx, int64_t rows, const void *left,
+                             void *out);
 
 typedef struct {
     idl_matmul_fn matmul;
@@ -98,11 +102,14 @@ typedef struct {
 } idl_solver;
 
 /* What a solve did. `residual` is the largest final residual over samples,
- * NaN or Inf when an iterate stopped being finite (the solve stops there). */
+ * NaN or Inf when an iterate stopped being finite (the solve stops there).
+ * `error` is 0, or the nonzero value the matmul callback returned: then the
+ * solve stopped right there, and its outputs hold nothing meaningful. */
 typedef struct {
     int64_t iterations;
     double residual;
     int converged;
+    int error;
 } idl_stats;
 
 /* Bytes of workspace a solve of m samples of width n needs. */
@@ -112,8 +119,9 @@ int64_t idl_solve_workspace_bytes(int64_t m, int64_t n, int64_t elem_size,
 /* Forward: X = φ(X Aᵀ + C0), iterating from X0 (NULL: from 0, whose product
  * is skipped). `matmul` multiplies by Aᵀ.
  * Writes X and Z with X = φ(Z) exactly, Z = X_prev Aᵀ + C0 for the last
- * iterate X_prev. A sample stops iterating as soon as its own residual is
- * <= tol. */
+ * iterate X_prev (converged or not: for Anderson, X_prev is the last mixed
+ * iterate, and X is the map's value there, not the mix). A sample stops
+ * iterating as soon as its own residual is <= tol. */
 idl_stats idl_fixed_point_f32(int64_t m, int64_t n, idl_matmul matmul_at,
                               const float *c0, const float *x0, idl_act act,
                               idl_solver solver, float *x, float *z,
@@ -124,7 +132,9 @@ idl_stats idl_fixed_point_f64(int64_t m, int64_t n, idl_matmul matmul_at,
                               void *workspace);
 
 /* Adjoint: V = φ'(Z) ⊙ (V A + G), iterating from V = 0. `matmul` multiplies
- * by A. This is dL/dZ at the fixed point for G = dL/dX. */
+ * by A. This is dL/dZ at the fixed point for G = dL/dX. As in the forward
+ * solve, V is the map's value at the last iterate, V = φ'(Z) ⊙ (V_prev A + G),
+ * converged or not. */
 idl_stats idl_adjoint_f32(int64_t m, int64_t n, idl_matmul matmul_a,
                           const float *z, const float *g, idl_act act,
                           idl_solver solver, float *v, void *workspace);
@@ -140,7 +150,8 @@ idl_stats idl_adjoint_f64(int64_t m, int64_t n, idl_matmul matmul_a,
  * threshold_stride] (stride 0: one threshold for all rows): every entry is
  * soft-thresholded by t_i, then the first `ball_cols` entries are projected
  * onto the l1 ball of `radius` (a radius of INFINITY, or ball_cols = 0, means
- * no ball). */
+ * no ball). A row of w holding NaN or Inf comes out all NaN, so that the
+ * solver calling the prox sees it. */
 void idl_prox_l1_ball_f32(int64_t rows, int64_t cols, const float *w,
                           int64_t ldw, const float *threshold,
                           int64_t threshold_stride, double radius,

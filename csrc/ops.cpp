@@ -123,6 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_point_cpu(
                                                args.act, args.solver, x.data_ptr<scalar_t>(),
                                                z.data_ptr<scalar_t>(), work.data_ptr());
     });
+    at_factor.rethrow_error();
     return {x, z, stats_tensor(stats)};
 }
 
@@ -147,6 +148,7 @@ std::tuple<at::Tensor, at::Tensor> fixed_point_adjoint_cpu(const at::Tensor& A, 
                                            g.const_data_ptr<scalar_t>(), args.act, args.solver,
                                            v.data_ptr<scalar_t>(), work.data_ptr());
     });
+    a_factor.rethrow_error();
     return {v, stats_tensor(stats)};
 }
 

@@ -417,3 +417,19 @@ def test_training_on_gpu_follows_cpu_float32():
     cpu_losses, _, _ = train("cpu", torch.float32, tol=1e-5)
     gpu_losses, _, _ = train(DEVICE, torch.float32, tol=1e-5)
     assert gpu_losses == pytest.approx(cpu_losses, rel=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+@gpu
+def test_projection_of_more_rows_than_a_grid_holds():
+    """One block per row would need more than 2^31 - 1 blocks: the grid is
+    capped and the kernels loop over rows (the grid size once wrapped)."""
+    rows = 2**31 + 5
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
+        pytest.skip("needs 24 GiB of device memory")
+    A = torch.full((rows, 1), 2.0, device=DEVICE)
+    P = ops.project_linf(A, 0.5, "exact")
+    del A
+    assert (P[:3] == 0.5).all() and (P[-3:] == 0.5).all()
+    assert P.min().item() == P.max().item() == 0.5

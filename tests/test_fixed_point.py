@@ -7,7 +7,8 @@ import torch
 
 import idl
 from idl import functional as F
-from reference import dphi, implicit_vjp, picard, project_rows_l1
+from devices import DEVICES
+from reference import dphi, implicit_vjp, phi, picard, project_rows_l1
 
 ACTIVATIONS = list(idl.ACTIVATIONS)
 TIGHT = F.SolverOptions(max_iter=10_000, tol=1e-13, grad_max_iter=10_000, grad_tol=1e-13)
@@ -239,3 +240,78 @@ def test_bad_settings():
         solve(A, C0, method="anderson", memory=0)
     with pytest.raises(ValueError, match="memory"):
         solve(A, C0, method="anderson", memory=17)
+
+
+@pytest.mark.parametrize("method", ["picard", "anderson"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_unconverged_solve_still_has_x_equal_phi_of_z(activation, method):
+    """Stopped by max_iter, X = φ(Z) still holds (idl.h): Anderson's next
+    iterate is a mix whose Z was never formed, so it is not the answer."""
+    A, C0 = problem(m=8, n=10, kappa=0.95)
+    X, Z, stats = torch.ops.idl.fixed_point(A, C0, None, activation, 0.1, 5, 1e-12, 5, 1e-12, method, 5)
+    assert stats.tolist()[::2] == [5.0, 0.0]
+    torch.testing.assert_close(X, phi(activation, Z, 0.1), rtol=1e-15, atol=1e-15)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_width_solve_takes_no_iteration(device):
+    A = torch.empty(0, 0, dtype=torch.float64, device=device)
+    C0 = torch.empty(4, 0, dtype=torch.float64, device=device)
+    X, Z, stats = torch.ops.idl.fixed_point(A, C0, None, "tanh", 0.0, 100, 1e-10, 100, 1e-10)
+    assert X.shape == Z.shape == (4, 0)
+    assert stats.tolist() == [0.0, 0.0, 1.0]
+    V, stats = torch.ops.idl.fixed_point_adjoint(A, Z, torch.empty_like(Z), "tanh", 0.0, 100, 1e-10)
+    assert V.shape == (4, 0)
+    assert stats.tolist() == [0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_in_A_shows_at_the_second_iteration_from_zero(device):
+    """From zero the first product, 0 A^T, is skipped (one GEMM fewer), so a
+    NaN in A shows in the second iteration, forward and adjoint alike."""
+    A, C0 = problem(m=5, n=6)
+    _, Z, _ = solve(A, C0, "tanh")
+    A[1, 2] = float("nan")
+    A, C0, Z = A.to(device), C0.to(device), Z.to(device)
+    _, _, stats = torch.ops.idl.fixed_point(A, C0, None, "tanh", 0.0, 100, 1e-10, 100, 1e-10)
+    iterations, residual, converged = stats.tolist()
+    assert (iterations, converged) == (2.0, 0.0) and residual != residual
+    _, stats = torch.ops.idl.fixed_point_adjoint(A, Z, torch.ones_like(Z), "tanh", 0.0, 100, 1e-10)
+    iterations, residual, converged = stats.tolist()
+    assert (iterations, converged) == (2.0, 0.0) and residual != residual
+
+
+@pytest.fixture
+def failing_cpu_gemm():
+    """aten::mm.out on CPU, which the solves' GEMM calls, replaced by one that
+    raises on its third call; yields the list of the calls' row counts."""
+    calls = []
+
+    def mm_out(self, mat2, *, out):
+        calls.append(self.shape[0])
+        if len(calls) == 3:
+            raise RuntimeError("GEMM failed on purpose")
+        return out.copy_(torch.mm(self, mat2))
+
+    lib = torch.library.Library("aten", "IMPL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+        lib.impl("mm.out", mm_out, "CPU")
+    try:
+        yield calls
+    finally:
+        lib._destroy()
+
+
+@pytest.mark.parametrize("method", ["picard", "anderson"])
+def test_gemm_error_inside_a_solve_is_raised_once_and_stops_it(failing_cpu_gemm, method):
+    """The exception crosses no C frame: it is kept, the solve stops at once,
+    and the op raises it."""
+    A, C0 = problem()
+    with pytest.raises(RuntimeError, match="GEMM failed on purpose"):
+        solve(A, C0, "tanh", X0=torch.zeros_like(C0), method=method)
+    assert len(failing_cpu_gemm) == 3
+    failing_cpu_gemm.clear()
+    with pytest.raises(RuntimeError, match="GEMM failed on purpose"):
+        torch.ops.idl.fixed_point_adjoint(A, C0, C0, "tanh", 0.0, 100, 1e-12, method, 5)
+    assert len(failing_cpu_gemm) == 3

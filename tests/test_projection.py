@@ -107,3 +107,99 @@ def test_opcheck(mode):
 def test_bad_input(args, error, words):
     with pytest.raises(error, match=words):
         idl.project_linf(*args)
+
+
+# ---- exactness where ||row||_1 / kappa is huge, against rational arithmetic ----
+
+from fractions import Fraction  # noqa: E402
+
+from devices import DEVICES  # noqa: E402
+
+
+def exact_projection(row, kappa):
+    """The Euclidean projection of a row onto the l1 ball of radius kappa, and
+    its support S, in exact rational arithmetic (sort-based)."""
+    a = [Fraction(v) for v in row]
+    k = Fraction(kappa)
+    if sum(abs(v) for v in a) <= k:
+        return a, set(range(len(a)))
+    partial, theta = Fraction(0), None
+    for rank, v in enumerate(sorted((abs(v) for v in a), reverse=True), 1):
+        partial += v
+        candidate = (partial - k) / rank
+        if v > candidate:
+            theta = candidate
+    out = [(1 if v > 0 else -1) * max(abs(v) - theta, Fraction(0)) for v in a]
+    return out, {j for j, v in enumerate(a) if abs(v) > theta}
+
+
+def exact_vjp(row, support, grad):
+    """J^T grad with J = diag(1_S) - s_S s_S^T / |S|, exactly."""
+    sign = [1 if v > 0 else -1 for v in row]
+    g = [Fraction(v) for v in grad]
+    mean = sum(sign[j] * g[j] for j in support) / len(support)
+    return [g[j] - sign[j] * mean if j in support else Fraction(0) for j in range(len(row))]
+
+
+HUGE_RATIO_ROWS = [
+    ([1e20, 1e20], 1.0),  # -> [0.5, 0.5]
+    ([3e16, 1.0], 1.0),  # -> [1, 0]
+    ([1e300, -1e300, 5.0], 0.5),  # -> [0.25, -0.25, 0]
+    ([1.0, 1.0, 1.0], 1e-17),  # -> [k/3, k/3, k/3]
+    ([1e17, 3.0, -1e17 + 16, 5.0, -2e16], 0.3),
+    ([-7e200, 7e200 * (1 - 2**-50), 1e190, -3.0], 1.0),
+    ([1.5, -1.0 + 2**-40, 1.0, 1e-300], 1e-12),
+    ([0.5, 0.5, 0.0, -0.0, 0.0], 1 - 2**-53),  # barely outside: zeros stay zeros
+    ([0.3, 0.0, 0.2, 0.0, 0.5 + 2**-40], 1.0),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("row, kappa", HUGE_RATIO_ROWS, ids=range(len(HUGE_RATIO_ROWS)))
+def test_exact_projection_keeps_kappa_when_the_row_is_huge(row, kappa, device):
+    """The value and the VJP match the exact projection to rounding, where the
+    textbook threshold |a| - theta would cancel to all zeros."""
+    A = torch.tensor([row], dtype=torch.float64, device=device)
+    want, support = exact_projection(row, kappa)
+    got = idl.project_linf(A, kappa)[0].cpu().tolist()
+    scale = float(max(abs(v) for v in want))
+    assert scale > 0
+    bound = 8 * len(row) * 2.0**-52 * scale
+    for g, w in zip(got, want):
+        assert abs(Fraction(g) - w) <= bound, (got, [float(v) for v in want])
+    assert [j for j, g in enumerate(got) if g != 0] == sorted(support)
+    grad = torch.linspace(-1.0, 2.0, len(row), dtype=torch.float64)
+    got_vjp = torch.ops.idl.project_linf_backward(grad[None].to(device), A, kappa, "exact")
+    want_vjp = exact_vjp(row, support, grad.tolist())
+    for g, w in zip(got_vjp[0].cpu().tolist(), want_vjp):
+        assert abs(Fraction(g) - w) <= 8 * len(row) * 2.0**-52 * 2, (got_vjp, want_vjp)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_exact_projection_keeps_rows_holding_nan_or_inf(device):
+    """Such rows reach the solve, which reports them; the other rows are
+    projected, and the VJP passes the gradient of kept rows through."""
+    nan, inf = float("nan"), float("inf")
+    A = torch.tensor(
+        [[nan, 1.0, 2.0], [inf, 0.0, 1.0], [-inf, 5.0, nan], [3.0, -4.0, 5.0], [0.1, 0.1, 0.1]],
+        dtype=torch.float64,
+    )
+    P = idl.project_linf(A.to(device), 0.5).cpu()
+    torch.testing.assert_close(P[:3], A[:3], equal_nan=True)
+    torch.testing.assert_close(P[3:], project_rows_l1(A[3:], 0.5))
+    G = torch.randn_like(A)
+    grad = torch.ops.idl.project_linf_backward(G.to(device), A.to(device), 0.5, "exact").cpu()
+    torch.testing.assert_close(grad[:3], G[:3])
+    torch.testing.assert_close(grad[4], G[4])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("magnitude", [1e150, 1e200, 1e300])
+def test_scale_backward_does_not_overflow_for_huge_norms(magnitude, device):
+    """P(cA) = P(A) for c > 0 outside the ball, so the VJP at cA is the VJP at
+    A over c; <G, A> / ||A||^2 unscaled overflows beyond norms of 1e154."""
+    A = mixed_matrix(rows=5, cols=6)
+    G = torch.randn_like(A)
+    want = torch.ops.idl.project_linf_backward(G, A, 0.7, "scale") / magnitude
+    got = torch.ops.idl.project_linf_backward(G.to(device), (A * magnitude).to(device), 0.7, "scale")
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=0)

@@ -137,3 +137,31 @@ def test_projection_still_exact_after_sharing_the_row_code(dtype):
     tolerance = 1e-12 if dtype == torch.float64 else 2e-6
     np.testing.assert_allclose(got.double().numpy(), expected, atol=tolerance)
     assert torch.equal(got[0], A[0].to(dtype))
+
+
+PROX_PATHS = {
+    "compiled": lambda W, t, radius, ball_cols: torch.ops.idl.prox_l1_ball(W, t, radius, ball_cols),
+    "torch_fallback": _prox_ops._prox_torch,
+}
+
+
+@pytest.mark.parametrize("path", sorted(PROX_PATHS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ball_cols, radius", [(4, 0.5), (4, math.inf), (0, 0.5), (8, 0.0)])
+def test_rows_holding_nan_or_inf_come_out_all_nan(path, dtype, ball_cols, radius):
+    """NaN in, NaN out, on both paths: a row with a NaN or Inf entry anywhere
+    (ball part or not) is all NaN, so that the solver sees it; the other rows
+    are as usual."""
+    generator = torch.Generator().manual_seed(5)
+    W = torch.randn(7, 8, generator=generator, dtype=torch.float64)
+    W[0, 1] = math.nan
+    W[1, 6] = math.inf
+    W[2, 0] = -math.inf
+    W[3, 7] = math.nan
+    W[4] = math.inf
+    thresholds = torch.full((7,), 0.1, dtype=torch.float64)
+    got = PROX_PATHS[path](W.to(dtype), thresholds.to(dtype), radius, ball_cols)
+    assert torch.isnan(got[:5]).all(), got[:5]
+    expected = prox_reference(W[5:].numpy(), thresholds[5:].numpy(), radius, ball_cols)
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-6
+    np.testing.assert_allclose(got[5:].double().numpy(), expected, atol=tolerance, rtol=0)

@@ -6,6 +6,7 @@
 #include <tgmath.h> /* exp, tanh, fabs ... at the precision of REAL */
 
 #include "../idl.h"
+#include "../idl_math.h"
 #include "generic.h"
 
 /* Elements below which a pass over the working rows stays on one thread. */

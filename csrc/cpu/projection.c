@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "../idl.h"
+#include "../idl_math.h"
 #include "generic.h"
 
 #define REAL float

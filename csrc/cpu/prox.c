@@ -3,6 +3,7 @@
 #include <math.h>
 
 #include "../idl.h"
+#include "../idl_math.h"
 #include "generic.h"
 
 #define REAL float

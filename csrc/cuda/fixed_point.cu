@@ -14,6 +14,7 @@
 // iterations. Finally the stats are computed on the device too.
 #include <math.h>
 
+#include "../idl_math.h"
 #include "common.cuh"
 #include "idl_cuda.h"
 
@@ -23,49 +24,6 @@ namespace {
 constexpr int kStepThreads = 256;                    // 8 warps,
 constexpr int kRowsPerBlock = kStepThreads / kWarp;  // one row each
 constexpr int kScanThreads = 1024;
-
-// ---- activations ----------------------------------------------------------------
-
-template <typename T>
-__device__ __forceinline__ T sigmoid(T z) {
-    return T(1) / (T(1) + exp(-z));
-}
-
-template <typename T>
-__device__ __forceinline__ T phi(idl_act act, T z) {
-    switch (act.kind) {
-    case IDL_RELU: return z < T(0) ? T(0) : z;
-    case IDL_LEAKY_RELU: return z < T(0) ? static_cast<T>(act.param) * z : z;
-    case IDL_TANH: return tanh(z);
-    case IDL_HARDTANH: return z < T(-1) ? T(-1) : (z > T(1) ? T(1) : z);
-    case IDL_SIGMOID: return sigmoid(z);
-    case IDL_SOFTPLUS: return z > T(20) ? z : log1p(exp(z));
-    case IDL_IDENTITY: break;
-    }
-    return z;
-}
-
-// φ'(z), matching torch's autograd at the kinks (relu'(0) = 0, leaky_relu'(0)
-// = slope) and the C kernels (identity keeps NaN).
-template <typename T>
-__device__ __forceinline__ T dphi(idl_act act, T z) {
-    switch (act.kind) {
-    case IDL_RELU: return z > T(0) ? T(1) : T(0);
-    case IDL_LEAKY_RELU: return z > T(0) ? T(1) : static_cast<T>(act.param);
-    case IDL_TANH: {
-        const T t = tanh(z);
-        return T(1) - t * t;
-    }
-    case IDL_HARDTANH: return z > T(-1) && z < T(1) ? T(1) : T(0);
-    case IDL_SIGMOID: {
-        const T s = sigmoid(z);
-        return s * (T(1) - s);
-    }
-    case IDL_SOFTPLUS: return z > T(20) ? T(1) : sigmoid(z);
-    case IDL_IDENTITY: break;
-    }
-    return z == z ? T(1) : z;
-}
 
 // The elementwise update of each solve: the new value of entry `at` (sample *
 // n + j) of a sample's row, from the GEMM output p.
@@ -77,7 +35,7 @@ struct ForwardUpdate {  // x = φ(z), z = p + c0, and z is an output
     __device__ __forceinline__ T operator()(int64_t at, T p) const {
         const T zj = p + c0[at];
         z[at] = zj;
-        return phi(act, zj);
+        return idl_phi_at(act, zj);
     }
 };
 
@@ -87,7 +45,7 @@ struct AdjointUpdate {  // v = φ'(z) ⊙ (p + g)
     const T *z;
     const T *g;
     __device__ __forceinline__ T operator()(int64_t at, T p) const {
-        return dphi(act, z[at]) * (p + g[at]);
+        return idl_dphi_at(act, z[at]) * (p + g[at]);
     }
 };
 
@@ -166,6 +124,15 @@ __global__ void iota_kernel(int64_t count, long long *idx) {
         idx[i] = i;
 }
 
+// The working rows of a warp-per-row kernel: this warp's first, and the
+// stride of the grid-stride loop over rows.
+__device__ __forceinline__ int64_t first_row() {
+    return blockIdx.x * static_cast<int64_t>(kRowsPerBlock) + threadIdx.x / kWarp;
+}
+__device__ __forceinline__ int64_t row_stride() {
+    return static_cast<int64_t>(gridDim.x) * kRowsPerBlock;
+}
+
 // One pass over the working rows, one warp per row: x <- update(p), residual
 // max |Δx| (NaN sticky); a row with residual <= tol is copied to its sample's
 // row of `out` and frozen. A row that stopped being finite raises the flag,
@@ -173,40 +140,41 @@ __global__ void iota_kernel(int64_t count, long long *idx) {
 template <typename T, typename Update>
 __global__ void step_kernel(int64_t active, int64_t n, long long iteration, double tol,
                             Update update, Workset<T> w, T *out) {
-    const int64_t r = blockIdx.x * static_cast<int64_t>(kRowsPerBlock) + threadIdx.x / kWarp;
-    const int lane = threadIdx.x % kWarp;
-    if (r >= active || w.frozen[r])
-        return;  // the whole warp: r and frozen[r] are the same for its lanes
     const long long stopped_at = w.progress->nonfinite_iter;
     if (stopped_at != 0 && stopped_at < iteration)
         return;
-    const int64_t sample = w.idx[r];
-    T *x = w.xw + r * n;
-    const T *p = w.p + r * n;
-    T worst = T(0);
-    for (int64_t j = lane; j < n; j += kWarp) {
-        const T xj = update(sample * n + j, p[j]);
-        worst = nan_max(worst, static_cast<T>(fabs(xj - x[j])));
-        x[j] = xj;
-    }
-    worst = warp_nan_max(worst);  // the same in every lane
-    const double residual = static_cast<double>(worst);
-    if (residual <= tol) {
-        T *dst = out + sample * n;
-        for (int64_t j = lane; j < n; j += kWarp)
-            dst[j] = x[j];  // this lane's own writes above
-        if (lane == 0) {
-            w.frozen[r] = 1;
-            atomicAdd(&w.progress->retired, 1ull);
-            atomic_max_nonneg(&w.progress->finished_worst, residual);
-            atomicMax(&w.progress->last_retire_iter, iteration);
+    const int lane = threadIdx.x % kWarp;
+    for (int64_t r = first_row(); r < active; r += row_stride()) {
+        if (w.frozen[r])
+            continue;  // the whole warp: r and frozen[r] are the same for its lanes
+        const int64_t sample = w.idx[r];
+        T *x = w.xw + r * n;
+        const T *p = w.p + r * n;
+        T worst = T(0);
+        for (int64_t j = lane; j < n; j += kWarp) {
+            const T xj = update(sample * n + j, p[j]);
+            worst = nan_max(worst, static_cast<T>(fabs(xj - x[j])));
+            x[j] = xj;
         }
-    } else if (lane == 0) {
-        w.residual[r] = residual;
-        if (!isfinite(residual)) {
-            atomicMax(&w.progress->nonfinite, isnan(residual) ? 2 : 1);
-            atomicCAS(reinterpret_cast<unsigned long long *>(&w.progress->nonfinite_iter), 0ull,
-                      static_cast<unsigned long long>(iteration));
+        worst = warp_nan_max(worst);  // the same in every lane
+        const double residual = static_cast<double>(worst);
+        if (residual <= tol) {
+            T *dst = out + sample * n;
+            for (int64_t j = lane; j < n; j += kWarp)
+                dst[j] = x[j];  // this lane's own writes above
+            if (lane == 0) {
+                w.frozen[r] = 1;
+                atomicAdd(&w.progress->retired, 1ull);
+                atomic_max_nonneg(&w.progress->finished_worst, residual);
+                atomicMax(&w.progress->last_retire_iter, iteration);
+            }
+        } else if (lane == 0) {
+            w.residual[r] = residual;
+            if (!isfinite(residual)) {
+                atomicMax(&w.progress->nonfinite, isnan(residual) ? 2 : 1);
+                atomicCAS(reinterpret_cast<unsigned long long *>(&w.progress->nonfinite_iter),
+                          0ull, static_cast<unsigned long long>(iteration));
+            }
         }
     }
 }
@@ -242,30 +210,30 @@ template <typename T>
 __global__ void pack_gather_kernel(int64_t kept, int64_t n, const long long *src,
                                    const T *from_x, const long long *from_idx, T *to_x,
                                    long long *to_idx, int *frozen) {
-    const int64_t k = blockIdx.x * static_cast<int64_t>(kRowsPerBlock) + threadIdx.x / kWarp;
     const int lane = threadIdx.x % kWarp;
-    if (k >= kept)
-        return;
-    const int64_t r = src[k];
-    for (int64_t j = lane; j < n; j += kWarp)
-        to_x[k * n + j] = from_x[r * n + j];
-    if (lane == 0) {
-        to_idx[k] = from_idx[r];
-        frozen[k] = 0;
+    for (int64_t k = first_row(); k < kept; k += row_stride()) {
+        const int64_t r = src[k];
+        for (int64_t j = lane; j < n; j += kWarp)
+            to_x[k * n + j] = from_x[r * n + j];
+        if (lane == 0) {
+            to_idx[k] = from_idx[r];
+            frozen[k] = 0;
+        }
     }
 }
 
 // Rows never finished go to their sample's row of out as they stand.
 template <typename T>
 __global__ void retire_rest_kernel(int64_t active, int64_t n, Workset<T> w, T *out) {
-    const int64_t r = blockIdx.x * static_cast<int64_t>(kRowsPerBlock) + threadIdx.x / kWarp;
     const int lane = threadIdx.x % kWarp;
-    if (r >= active || w.frozen[r])
-        return;
-    const T *x = w.xw + r * n;
-    T *dst = out + w.idx[r] * n;
-    for (int64_t j = lane; j < n; j += kWarp)
-        dst[j] = x[j];
+    for (int64_t r = first_row(); r < active; r += row_stride()) {
+        if (w.frozen[r])
+            continue;
+        const T *x = w.xw + r * n;
+        T *dst = out + w.idx[r] * n;
+        for (int64_t j = lane; j < n; j += kWarp)
+            dst[j] = x[j];
+    }
 }
 
 // One block: stats = [iterations, residual, converged] as the C solver reports
@@ -299,6 +267,14 @@ __global__ void stats_kernel(int64_t m, int64_t active, long long passes, const 
     stats[2] = converged ? 1.0 : 0.0;
 }
 
+// The stats of a solve with nothing to solve (m or n is 0), as the C solver
+// reports them: no iteration, converged.
+__global__ void nothing_to_solve_kernel(double *stats) {
+    stats[0] = 0.0;
+    stats[1] = 0.0;
+    stats[2] = 1.0;
+}
+
 // ---- the host loop ---------------------------------------------------------------
 
 #define IDL_TRY(call)                          \
@@ -327,21 +303,31 @@ cudaError_t pack(Workset<T> &w, int64_t active, int64_t kept, int64_t n, cudaStr
 }
 
 // The shared loop of both solves, on m samples whose first iterate is in w.xw.
+// When that iterate is all zeros (`zero_start`), its product is too and the
+// first GEMM is skipped, as in C (an A holding NaN or Inf then shows from the
+// second product on, at the same iteration as on the CPU).
 template <typename T, typename Update>
 cudaError_t iterate(int64_t m, int64_t n, idl_matmul mm, Update update, idl_solver solver,
-                    int64_t check_every, Workset<T> w, T *out, double *stats,
-                    cudaStream_t stream) {
+                    int64_t check_every, bool zero_start, Workset<T> w, T *out,
+                    double *stats, cudaStream_t stream) {
     if (check_every < 1)
         return cudaErrorInvalidValue;
+    if (m == 0 || n == 0) {  // nothing to solve, and no buffer to touch
+        nothing_to_solve_kernel<<<1, 1, 0, stream>>>(stats);
+        return cudaGetLastError();
+    }
     IDL_TRY(cudaMemsetAsync(w.frozen, 0, m * sizeof(int), stream));
     IDL_TRY(cudaMemsetAsync(w.progress, 0, sizeof(Progress), stream));
-    if (m > 0)
-        iota_kernel<<<blocks_for(m < 65536 * 256 ? m : 65536 * 256, 256), 256, 0, stream>>>(
-            m, w.idx);
+    // read by stats_kernel for every unfinished row, even after no pass
+    IDL_TRY(cudaMemsetAsync(w.residual, 0, m * sizeof(double), stream));
+    iota_kernel<<<blocks_for(m < 65536 * 256 ? m : 65536 * 256, 256), 256, 0, stream>>>(m, w.idx);
     int64_t active = m;  // working rows, finished ones included until packed
     long long passes = 0;
     while (active > 0 && passes < solver.max_iter) {
-        mm.matmul(mm.ctx, active, w.xw, w.p);
+        if (passes == 0 && zero_start)
+            IDL_TRY(cudaMemsetAsync(w.p, 0, static_cast<size_t>(active * n) * sizeof(T), stream));
+        else if (mm.matmul(mm.ctx, active, w.xw, w.p) != 0)
+            return IDL_CUDA_MATMUL_FAILED;
         ++passes;
         step_kernel<T, Update><<<blocks_for(active, kRowsPerBlock), kStepThreads, 0, stream>>>(
             active, n, passes, solver.tol, update, w, out);
@@ -383,8 +369,8 @@ cudaError_t fixed_point(int64_t m, int64_t n, idl_matmul matmul_at, const T *c0,
         IDL_TRY(cudaMemcpyAsync(w.xw, x0, bytes, cudaMemcpyDeviceToDevice, stream));
     else
         IDL_TRY(cudaMemsetAsync(w.xw, 0, bytes, stream));
-    return iterate(m, n, matmul_at, ForwardUpdate<T>{act, c0, z}, solver, check_every, w, x, stats,
-                   stream);
+    return iterate(m, n, matmul_at, ForwardUpdate<T>{act, c0, z}, solver, check_every,
+                   x0 == nullptr, w, x, stats, stream);
 }
 
 template <typename T>
@@ -393,8 +379,8 @@ cudaError_t adjoint(int64_t m, int64_t n, idl_matmul matmul_a, const T *z, const
                     void *workspace, cudaStream_t stream) {
     Workset<T> w = workset<T>(m, n, workspace);
     IDL_TRY(cudaMemsetAsync(w.xw, 0, static_cast<size_t>(m * n) * sizeof(T), stream));
-    return iterate(m, n, matmul_a, AdjointUpdate<T>{act, z, g}, solver, check_every, w, v, stats,
-                   stream);
+    return iterate(m, n, matmul_a, AdjointUpdate<T>{act, z, g}, solver, check_every, true, w, v,
+                   stats, stream);
 }
 
 }  // namespace

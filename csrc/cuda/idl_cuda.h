@@ -58,7 +58,9 @@ cudaError_t idl_cuda_project_linf_backward_f64(
  *
  * `matmul` multiplies `rows` rows of device memory by the solve's fixed n x n
  * matrix and must enqueue its work on `stream` (the glue calls ATen's GEMM on
- * torch's current stream, which is `stream`).
+ * torch's current stream, which is `stream`). When it returns nonzero (see
+ * idl_matmul_fn), the solve stops at once, calls it no more, and returns
+ * IDL_CUDA_MATMUL_FAILED; outputs and stats then hold nothing meaningful.
  *
  * The decisions stay on the device: a finished sample's row is frozen at once
  * (later passes skip it), and the host looks at a few counters only every
@@ -71,6 +73,12 @@ cudaError_t idl_cuda_project_linf_backward_f64(
  * `stats` (3 doubles, device) receives [iterations, residual, converged] with
  * the meaning of idl_stats.
  */
+
+/* What a solve returns when its matmul callback failed. A CUDA error code,
+ * so that a caller that only checks for cudaSuccess stops too; the callback's
+ * own record says what happened (csrc/aten_matmul.h keeps the exception, and
+ * the glue rethrows it before looking at the code). */
+#define IDL_CUDA_MATMUL_FAILED cudaErrorUnknown
 
 /* Device workspace of a solve of m samples of width n. */
 int64_t idl_cuda_solve_workspace_bytes(int64_t m, int64_t n,

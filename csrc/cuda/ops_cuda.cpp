@@ -129,11 +129,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_point_cuda(
     RightFactor at_factor{A.contiguous().t()};
     idl_matmul mm{matmul_by_factor, &at_factor};
     AT_DISPATCH_FLOATING_TYPES(c0.scalar_type(), "idl::fixed_point", [&] {
-        C10_CUDA_CHECK(CudaKernels<scalar_t>::fixed_point(
+        const cudaError_t status = CudaKernels<scalar_t>::fixed_point(
             m, n, mm, c0.const_data_ptr<scalar_t>(),
             x0.defined() ? x0.const_data_ptr<scalar_t>() : nullptr, args.act, args.solver,
             check_every(), x.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
-            stats.data_ptr<double>(), work.data_ptr(), current_stream()));
+            stats.data_ptr<double>(), work.data_ptr(), current_stream());
+        at_factor.rethrow_error();  // IDL_CUDA_MATMUL_FAILED: the GEMM's own exception
+        C10_CUDA_CHECK(status);
     });
     return {x, z, stats};
 }
@@ -157,10 +159,12 @@ std::tuple<at::Tensor, at::Tensor> fixed_point_adjoint_cuda(const at::Tensor& A,
     RightFactor a_factor{A.contiguous()};
     idl_matmul mm{matmul_by_factor, &a_factor};
     AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "idl::fixed_point_adjoint", [&] {
-        C10_CUDA_CHECK(CudaKernels<scalar_t>::adjoint(
+        const cudaError_t status = CudaKernels<scalar_t>::adjoint(
             m, n, mm, z.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(), args.act,
             args.solver, check_every(), v.data_ptr<scalar_t>(), stats.data_ptr<double>(),
-            work.data_ptr(), current_stream()));
+            work.data_ptr(), current_stream());
+        a_factor.rethrow_error();  // IDL_CUDA_MATMUL_FAILED: the GEMM's own exception
+        C10_CUDA_CHECK(status);
     });
     return {v, stats};
 }

@@ -1,22 +1,21 @@
 // projection.cu: projection of a matrix onto the inf-norm ball and its
 // vector-Jacobian product, on the device. Same results as csrc/cpu/projection.inc
-// up to the order of floating-point sums.
+// up to the order of floating-point sums: both call the math of idl_math.h.
 //
-// Exact mode, one block per row. The row is projected onto the l1 ball of
-// radius kappa: a -> sign(a) * max(|a| - theta, 0). theta comes from
-// Michelot's iteration, sort-free: theta = (sum of the entries in play -
-// kappa) / (their count), then drop the entries at or below theta, repeat until
-// nothing drops. Every theta is a lower bound of the true one, so an entry
-// once dropped stays dropped; the block therefore needs no compacted copy of the
-// row: each pass is one sweep over the whole row with two block reductions
-// (sum and count of |a_j| > theta), and the pass count is small in practice
-// (at most n). Sums are in double, as in C.
+// Exact mode, one block per row (a grid-stride loop over rows). The row is
+// projected onto the l1 ball of radius kappa by Michelot's iteration on delta
+// (idl_math.h), sort-free: each pass is one sweep over the whole row with two
+// block reductions (sum and count of the gaps in S), and S only shrinks, so
+// the block needs no compacted copy of the row; the pass count is small in
+// practice (at most n). Sums are in double, as in C. Rows holding NaN or Inf
+// are left as they are, as in C (their max |a_j| is not finite).
 //
-// Scale mode: one block per row for the row sums (and <grad, A> row by row),
-// one block to find the largest row sum and its first row, then an elementwise
-// pass.
+// Scale mode: one block per row for the row sums (and <grad, A / s> row by
+// row), one block to find the largest row sum and its first row, then an
+// elementwise pass.
 #include <math.h>
 
+#include "../idl_math.h"
 #include "common.cuh"
 #include "idl_cuda.h"
 
@@ -26,91 +25,96 @@ namespace {
 constexpr int kRowThreads = 256;
 constexpr int kScaleThreads = 256;
 
-// |a_j| summed over a row, to every thread of the block.
+// |a_j| summed over a row, to every thread of the block, and max |a_j| (NaN
+// if an entry is NaN) to *top.
 template <typename T>
-__device__ double row_l1(int64_t n, const T *a, double *partial) {
-    double sum = 0.0;
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
-        sum += fabs(static_cast<double>(a[j]));
+__device__ double row_l1(int64_t n, const T *a, double *top, double *partial) {
+    double sum = 0.0, largest = 0.0;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+        const double magnitude = fabs(static_cast<double>(a[j]));
+        sum += magnitude;
+        largest = nan_max(largest, magnitude);
+    }
+    *top = block_nan_max(largest, partial);
     return block_sum(sum, partial);
 }
 
-// theta of a row with ||a||_1 = l1 > kappa (Michelot, see the file comment).
-// theta never decreases, so the set in play only shrinks and the loop ends.
+// The exact projection's cut of a row; false for a row left as it is
+// (idl_l1_row_kept). Every thread of the block gets the same answer.
 template <typename T>
-__device__ double l1_threshold(int64_t n, const T *a, double l1, double kappa,
-                               double *partial) {
-    double kept = static_cast<double>(n);
-    double theta = (l1 - kappa) / kept;
+__device__ bool row_cut(int64_t n, const T *a, double kappa, idl_l1_cut *cut,
+                        double *partial) {
+    double top;
+    const double l1 = row_l1(n, a, &top, partial);
+    if (idl_l1_row_kept(l1, kappa, isfinite(top)))
+        return false;
+    *cut = idl_l1_cut_start(top, kappa);
     for (;;) {
         double sum = 0.0, count = 0.0;
         for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-            const double magnitude = fabs(static_cast<double>(a[j]));
-            if (magnitude > theta) {
-                sum += magnitude;
+            const double gap = idl_l1_gap(cut->top, cut->unit, static_cast<double>(a[j]));
+            if (idl_l1_member(gap, cut->delta) != 0.0) {
+                sum += gap;
                 count += 1.0;
             }
         }
         sum = block_sum(sum, partial);
         count = block_sum(count, partial);
-        if (count >= kept || count == 0.0)
-            return theta;
-        kept = count;
-        theta = fmax(theta, (sum - kappa) / kept);
+        if (!idl_l1_step(cut, sum, count))
+            return true;
     }
 }
 
 template <typename T>
-__global__ void project_exact_kernel(int64_t cols, const T *a, int64_t lda, double kappa,
-                                     T *out) {
+__global__ void project_exact_kernel(int64_t rows, int64_t cols, const T *a, int64_t lda,
+                                     double kappa, T *out) {
     __shared__ double partial[kWarp];
-    const T *row = a + blockIdx.x * lda;
-    T *dst = out + blockIdx.x * cols;
-    const double l1 = row_l1(cols, row, partial);
-    if (l1 <= kappa) {
-        for (int64_t j = threadIdx.x; j < cols; j += blockDim.x)
-            dst[j] = row[j];
-        return;
-    }
-    const double theta = l1_threshold(cols, row, l1, kappa, partial);
-    for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-        const double entry = static_cast<double>(row[j]);
-        const double shrunk = fabs(entry) - theta;
-        dst[j] = shrunk > 0.0 ? static_cast<T>(copysign(shrunk, entry)) : T(0);
-    }
-}
-
-// J^T grad for a projected row: J = diag(1_S) - s_S s_S^T / |S| with
-// S = {|a_j| > theta} and s = sign(a); J is symmetric.
-template <typename T>
-__global__ void project_exact_vjp_kernel(int64_t cols, const T *a, int64_t lda, double kappa,
-                                         const T *grad, T *grad_a) {
-    __shared__ double partial[kWarp];
-    const T *row = a + blockIdx.x * lda;
-    const T *g = grad + blockIdx.x * cols;
-    T *dst = grad_a + blockIdx.x * cols;
-    const double l1 = row_l1(cols, row, partial);
-    if (l1 <= kappa) {
-        for (int64_t j = threadIdx.x; j < cols; j += blockDim.x)
-            dst[j] = g[j];
-        return;
-    }
-    const double theta = l1_threshold(cols, row, l1, kappa, partial);
-    double signed_sum = 0.0, active = 0.0;
-    for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-        if (fabs(static_cast<double>(row[j])) > theta) {
-            signed_sum += row[j] > 0 ? g[j] : -g[j];
-            active += 1.0;
+    for (int64_t i = blockIdx.x; i < rows; i += gridDim.x) {
+        const T *row = a + i * lda;
+        T *dst = out + i * cols;
+        idl_l1_cut cut;
+        if (!row_cut(cols, row, kappa, &cut, partial)) {
+            for (int64_t j = threadIdx.x; j < cols; j += blockDim.x)
+                dst[j] = row[j];
+            continue;
+        }
+        for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+            const double entry = static_cast<double>(row[j]);
+            const double gap = idl_l1_gap(cut.top, cut.unit, entry);
+            dst[j] = static_cast<T>(idl_l1_project_entry(entry, gap, cut.delta, cut.per_unit));
         }
     }
-    signed_sum = block_sum(signed_sum, partial);
-    active = block_sum(active, partial);
-    const double mean = signed_sum / active;
-    for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-        if (fabs(static_cast<double>(row[j])) > theta)
-            dst[j] = static_cast<T>(g[j] - (row[j] > 0 ? mean : -mean));
-        else
-            dst[j] = T(0);
+}
+
+// J^T grad for a projected row (idl_l1_vjp_entry), S from the same test as
+// the projection's.
+template <typename T>
+__global__ void project_exact_vjp_kernel(int64_t rows, int64_t cols, const T *a, int64_t lda,
+                                         double kappa, const T *grad, T *grad_a) {
+    __shared__ double partial[kWarp];
+    for (int64_t i = blockIdx.x; i < rows; i += gridDim.x) {
+        const T *row = a + i * lda;
+        const T *g = grad + i * cols;
+        T *dst = grad_a + i * cols;
+        idl_l1_cut cut;
+        if (!row_cut(cols, row, kappa, &cut, partial)) {
+            for (int64_t j = threadIdx.x; j < cols; j += blockDim.x)
+                dst[j] = g[j];
+            continue;
+        }
+        double signed_sum = 0.0;
+        for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+            const double entry = static_cast<double>(row[j]);
+            if (idl_l1_member(idl_l1_gap(cut.top, cut.unit, entry), cut.delta) != 0.0)
+                signed_sum += idl_l1_signed(entry, static_cast<double>(g[j]));
+        }
+        const double mean = block_sum(signed_sum, partial) / cut.count;
+        for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+            const double entry = static_cast<double>(row[j]);
+            const double member = idl_l1_member(idl_l1_gap(cut.top, cut.unit, entry), cut.delta);
+            dst[j] = static_cast<T>(
+                idl_l1_vjp_entry(member, entry, static_cast<double>(g[j]), mean));
+        }
     }
 }
 
@@ -118,9 +122,9 @@ __global__ void project_exact_vjp_kernel(int64_t cols, const T *a, int64_t lda, 
 
 // What the scale mode needs to know of the whole matrix.
 struct ScaleInfo {
-    double norm;       // largest row sum of |A|
+    double norm;       // largest row sum of |A|, s
     long long argmax;  // first row attaining it (0 if every row sum is 0)
-    double inner;      // <grad, A>, backward only
+    double inner;      // <grad, A / s>, backward only
 };
 
 // The workspace: per-row l1 norms and per-row <grad, A>, then a ScaleInfo.
@@ -142,26 +146,29 @@ ScaleWork scale_work(int64_t rows, void *workspace) {
             reinterpret_cast<ScaleInfo *>(base + scale_info_offset(rows))};
 }
 
-// Row sums of |A| and, with grad, row sums of grad ⊙ A.
+// Row sums r_i of |A| and, with grad, <grad_i, a_i / r_i>: scaled by the row's
+// own sum, which s is not known yet, so that huge entries cannot overflow it
+// (|a_ij| / r_i <= 1); scale_info_kernel rescales by r_i / s.
 template <typename T>
-__global__ void row_sums_kernel(int64_t cols, const T *a, int64_t lda, const T *grad,
-                                double *row_norm, double *row_inner) {
+__global__ void row_sums_kernel(int64_t rows, int64_t cols, const T *a, int64_t lda,
+                                const T *grad, double *row_norm, double *row_inner) {
     __shared__ double partial[kWarp];
-    const T *row = a + blockIdx.x * lda;
-    const double l1 = row_l1(cols, row, partial);
-    if (grad == nullptr) {
+    for (int64_t i = blockIdx.x; i < rows; i += gridDim.x) {
+        const T *row = a + i * lda;
+        double top;
+        const double l1 = row_l1(cols, row, &top, partial);
         if (threadIdx.x == 0)
-            row_norm[blockIdx.x] = l1;
-        return;
-    }
-    const T *g = grad + blockIdx.x * cols;
-    double inner = 0.0;
-    for (int64_t j = threadIdx.x; j < cols; j += blockDim.x)
-        inner += static_cast<double>(g[j]) * static_cast<double>(row[j]);
-    inner = block_sum(inner, partial);
-    if (threadIdx.x == 0) {
-        row_norm[blockIdx.x] = l1;
-        row_inner[blockIdx.x] = inner;
+            row_norm[i] = l1;
+        if (grad == nullptr)
+            continue;
+        const T *g = grad + i * cols;
+        double inner = 0.0;
+        if (l1 > 0.0)  // else every entry is 0 (a NaN row stays NaN)
+            for (int64_t j = threadIdx.x; j < cols; j += blockDim.x)
+                inner += static_cast<double>(g[j]) * (static_cast<double>(row[j]) / l1);
+        inner = block_sum(inner, partial);
+        if (threadIdx.x == 0)
+            row_inner[i] = inner;
     }
 }
 
@@ -172,23 +179,21 @@ __device__ __forceinline__ bool beats(double norm, long long row, double best_no
     return norm > best_norm || (norm == best_norm && row < best_row);
 }
 
-// One block: the largest row sum, its first row, and the total <grad, A>.
+// One block: the largest row sum s, its first row, and <grad, A / s> (the
+// sum of the rows' scaled inner products times r_i / s <= 1).
 __global__ void scale_info_kernel(int64_t rows, const double *row_norm,
                                   const double *row_inner, ScaleInfo *info) {
     __shared__ double norms[kScaleThreads];
     __shared__ long long argmaxes[kScaleThreads];
     __shared__ double partial[kWarp];
-    double best = 0.0, inner = 0.0;
+    double best = 0.0;
     long long best_row = 0;
     for (int64_t i = threadIdx.x; i < rows; i += blockDim.x) {
         if (beats(row_norm[i], i, best, best_row)) {
             best = row_norm[i];
             best_row = i;
         }
-        if (row_inner != nullptr)
-            inner += row_inner[i];
     }
-    inner = block_sum(inner, partial);
     norms[threadIdx.x] = best;
     argmaxes[threadIdx.x] = best_row;
     __syncthreads();
@@ -201,8 +206,15 @@ __global__ void scale_info_kernel(int64_t rows, const double *row_norm,
         }
         __syncthreads();
     }
+    const double norm = norms[0];  // the same to every thread
+    double inner = 0.0;
+    if (row_inner != nullptr && norm > 0.0)
+        for (int64_t i = threadIdx.x; i < rows; i += blockDim.x)
+            if (row_inner[i] != 0.0)  // not 0 * (Inf / Inf) for an overflowed sum
+                inner += row_inner[i] * (row_norm[i] / norm);
+    inner = block_sum(inner, partial);
     if (threadIdx.x == 0)
-        *info = ScaleInfo{norms[0], argmaxes[0], inner};
+        *info = ScaleInfo{norm, argmaxes[0], inner};
 }
 
 // out = A * kappa / norm when norm > kappa, else A.
@@ -220,7 +232,7 @@ __global__ void scale_apply_kernel(int64_t rows, int64_t cols, const T *a, int64
 }
 
 // P = kappa A / s with s = max_i ||a_i||_1 gives
-// grad_A = (kappa/s) G - (kappa/s^2) <G, A> sign(a_i*) on the maximising row i*.
+// grad_A = (kappa/s) G - (kappa/s) <G, A/s> sign(a_i*) on the maximising row i*.
 template <typename T>
 __global__ void scale_vjp_kernel(int64_t rows, int64_t cols, const T *a, int64_t lda,
                                  double kappa, const ScaleInfo *info, const T *grad,
@@ -228,7 +240,7 @@ __global__ void scale_vjp_kernel(int64_t rows, int64_t cols, const T *a, int64_t
     const double norm = info->norm;
     const bool scaled = norm > kappa;
     const double factor = kappa / norm;
-    const double through_norm = kappa * info->inner / (norm * norm);
+    const double through_norm = kappa * info->inner / norm;
     const int64_t total = rows * cols;
     for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < total;
          k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -248,8 +260,8 @@ __global__ void scale_vjp_kernel(int64_t rows, int64_t cols, const T *a, int64_t
 // An elementwise grid: enough blocks to fill the device, a grid-stride loop
 // for the rest.
 unsigned elementwise_blocks(int64_t total) {
-    const int64_t wanted = (total + kScaleThreads - 1) / kScaleThreads;
-    return static_cast<unsigned>(wanted < 65536 ? wanted : 65536);
+    const unsigned wanted = blocks_for(total, kScaleThreads);
+    return wanted < 65536u ? wanted : 65536u;
 }
 
 template <typename T>
@@ -260,12 +272,12 @@ cudaError_t project(idl_projection mode, int64_t rows, int64_t cols, const T *a,
         return cudaSuccess;
     if (mode == IDL_PROJECT_EXACT) {
         project_exact_kernel<T><<<blocks_for(rows, 1), kRowThreads, 0, stream>>>(
-            cols, a, lda, kappa, out);
+            rows, cols, a, lda, kappa, out);
         return cudaGetLastError();
     }
     const ScaleWork work = scale_work(rows, workspace);
     row_sums_kernel<T><<<blocks_for(rows, 1), kRowThreads, 0, stream>>>(
-        cols, a, lda, nullptr, work.row_norm, nullptr);
+        rows, cols, a, lda, nullptr, work.row_norm, nullptr);
     scale_info_kernel<<<1, kScaleThreads, 0, stream>>>(rows, work.row_norm, nullptr,
                                                        work.info);
     scale_apply_kernel<T><<<elementwise_blocks(rows * cols), kScaleThreads, 0, stream>>>(
@@ -281,12 +293,12 @@ cudaError_t project_backward(idl_projection mode, int64_t rows, int64_t cols, co
         return cudaSuccess;
     if (mode == IDL_PROJECT_EXACT) {
         project_exact_vjp_kernel<T><<<blocks_for(rows, 1), kRowThreads, 0, stream>>>(
-            cols, a, lda, kappa, grad, grad_a);
+            rows, cols, a, lda, kappa, grad, grad_a);
         return cudaGetLastError();
     }
     const ScaleWork work = scale_work(rows, workspace);
     row_sums_kernel<T><<<blocks_for(rows, 1), kRowThreads, 0, stream>>>(
-        cols, a, lda, grad, work.row_norm, work.row_inner);
+        rows, cols, a, lda, grad, work.row_norm, work.row_inner);
     scale_info_kernel<<<1, kScaleThreads, 0, stream>>>(rows, work.row_norm, work.row_inner,
                                                        work.info);
     scale_vjp_kernel<T><<<elementwise_blocks(rows * cols), kScaleThreads, 0, stream>>>(

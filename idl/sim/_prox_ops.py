@@ -49,6 +49,10 @@ def _l1_ball_torch(W: torch.Tensor, radius: float) -> torch.Tensor:
 
 def _prox_torch(W, threshold, radius, ball_cols):
     out = _soft_threshold(W, threshold.unsqueeze(1))
+    # As the C kernel: a row holding NaN or Inf comes out all NaN (the ball
+    # part below then sees only finite rows).
+    bad = ~torch.isfinite(W).all(dim=1)
+    out[bad] = math.nan
     if ball_cols > 0 and math.isfinite(radius):
         out[:, :ball_cols] = _l1_ball_torch(out[:, :ball_cols], radius)
     return out
@@ -60,7 +64,8 @@ def prox_l1_ball(W: torch.Tensor, threshold, radius: float, ball_cols: int) -> t
     Row i is soft-thresholded by ``t_i`` (``threshold``: a float for every row,
     or a tensor with one value per row); then its first ``ball_cols`` entries
     are projected onto the l1 ball of ``radius`` (``math.inf`` or
-    ``ball_cols=0``: no ball). Returns a new contiguous tensor.
+    ``ball_cols=0``: no ball). A row of W holding NaN or Inf comes out all
+    NaN, so that the solver sees it. Returns a new contiguous tensor.
     """
     if not isinstance(threshold, torch.Tensor):
         threshold = torch.full((1,), float(threshold), dtype=W.dtype, device=W.device)
