@@ -242,7 +242,7 @@ def test_sim_with_a_python_activation_pickles_and_saves(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sim = SIM(activation_fn=nn.GELU()).train(model=teacher, dataloader=loader(U))
-    assert sim.implicit_model.custom_activation and not sim.fit_info["mismatched_activations"]
+    assert sim.implicit_model.f.python_activation and not sim.fit_info["mismatched_activations"]
     with torch.no_grad():
         expected = sim(U)
     again = pickle.loads(pickle.dumps(sim))
@@ -251,6 +251,6 @@ def test_sim_with_a_python_activation_pickles_and_saves(tmp_path):
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     for other in (again, loaded):
-        assert other.implicit_model.custom_activation
+        assert other.implicit_model.f.python_activation
         with torch.no_grad():
             torch.testing.assert_close(other(U), expected)

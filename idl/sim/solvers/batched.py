@@ -2,6 +2,7 @@
 is solved at once, on Gram matrices, by ADMM or FISTA with the compiled prox
 kernel; rows can be split across torch.distributed ranks."""
 import logging
+import math
 from typing import Optional
 
 import torch
@@ -11,11 +12,16 @@ from .base import Stage, StagedSolver, check_nonnegative, check_positive_int
 from .._progress import progress_bar
 from .distributed import active_group, assemble_rows, local_rows
 from .row_fista import fista
-from .rows import RowProblem
+from .rows import RowProblem, RowSolve
+from .warm_start import split_free_columns
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("admm", "fista")
+# Iteration limit of the warm start's solve (n variables per row: cheap).
+WARM_START_ITERATIONS = 20_000
+# Plain ADMM iterations before the rows still running get the warm start.
+WARM_START_AFTER = 200
 
 
 class BatchedProxSolver(StagedSolver):
@@ -72,6 +78,15 @@ class BatchedProxSolver(StagedSolver):
             states and gets the full weights.
         process_group: the group to split over (default: the world).
         progress: tqdm bars: None (on a terminal), True or False.
+        warm_start: (ADMM, regularized) for [A B], first solve the problem
+            in A alone, B eliminated by least squares (n instead of n + p
+            variables per row, see ``warm_start.py``); for [C D], start from
+            the least-squares rows; the full ADMM keeps the rows of that
+            start which the duality gap already certifies, and solves the
+            others from 0. Without it, the
+            rows whose ball is active (teacher weights beyond kappa) crawl on
+            the badly conditioned Gram matrix of [X U] and stop at max_iter.
+            Default True.
     """
 
     def __init__(
@@ -95,6 +110,7 @@ class BatchedProxSolver(StagedSolver):
         distributed: Optional[bool] = None,
         process_group=None,
         progress: Optional[bool] = None,
+        warm_start: bool = True,
     ):
         for name, value in (("lambda_z", lambda_z), ("lambda_y", lambda_y), ("tol", tol),
                             ("rtol", rtol)):
@@ -123,6 +139,7 @@ class BatchedProxSolver(StagedSolver):
         self.adaptive_rho, self.row_block = bool(adaptive_rho), row_block
         self.dtype, self.device = dtype, device
         self.distributed, self.process_group, self.progress = distributed, process_group, progress
+        self.warm_start = bool(warm_start)
 
     def _penalties(self, stage: Stage):
         lam = self.lambda_z if stage.hidden else self.lambda_y
@@ -152,13 +169,47 @@ class BatchedProxSolver(StagedSolver):
         local = torch.cat(parts) if parts else mine.cross.new_zeros(0, mine.cross.shape[1])
         return assemble_rows(local, rows, problem.num_rows, group)
 
+    def _warm_solve(self, problem: RowProblem, stage: Stage, max_iter: int, rho, desc) -> RowSolve:
+        """ADMM with warm starts (see warm_start.py). Without a ball: from the
+        least-squares rows. With one: plain ADMM for a few iterations, then,
+        for the rows still running (in practice those whose ball is active),
+        the ball columns solved with the others eliminated by least squares,
+        and ADMM again from there."""
+        d = problem.gram.shape[0]
+        k = problem.ball_cols if math.isfinite(problem.radius) else 0
+        options = dict(rho=rho, adaptive_rho=self.adaptive_rho, progress=self.progress)
+        if k == 0:
+            _, lift = split_free_columns(problem, 0)
+            start = lift(problem.cross.new_zeros(problem.num_rows, 0))
+            return admm(problem, self.rtol, max_iter, desc=desc, start=start, **options)
+        probe = admm(problem, self.rtol, min(max_iter, WARM_START_AFTER), desc=desc, **options)
+        if not probe.unconverged or k >= d:
+            return probe
+        pending = probe.pending
+        rest = problem.rows(pending)
+        reduced, lift = split_free_columns(rest, k)
+        first = admm(reduced, self.rtol, max(max_iter, WARM_START_ITERATIONS),
+                     desc=f"SIM {stage.name} warm start", gap_scale=0.1 * rest.target_sq, **options)
+        logger.info("%s: %d rows left after %d iterations; warm start on their %d ball columns: "
+                    "%d iterations, %d did not reach rtol", stage.name, len(pending),
+                    probe.iterations, k, first.iterations, first.unconverged)
+        final = admm(rest, self.rtol, max(max_iter - probe.iterations, 1), desc=desc,
+                     start=lift(first.W), **options)
+        W = probe.W.clone()
+        W[pending] = final.W
+        still = pending[final.pending] if final.pending is not None else None
+        return RowSolve(W, probe.iterations + final.iterations, final.unconverged, still)
+
     def _solve_block(self, problem: RowProblem, stage: Stage) -> torch.Tensor:
         max_iter, rho = self.stage_settings(stage)
         method = self.method
         desc = f"SIM {stage.name} ({method})"
         if method == "admm":
-            result = admm(problem, self.rtol, max_iter, rho=rho, exact=not self.regularized,
-                          adaptive_rho=self.adaptive_rho, progress=self.progress, desc=desc)
+            if getattr(self, "warm_start", False) and self.regularized:
+                result = self._warm_solve(problem, stage, max_iter, rho, desc)
+            else:
+                result = admm(problem, self.rtol, max_iter, rho=rho, exact=not self.regularized,
+                              adaptive_rho=self.adaptive_rho, progress=self.progress, desc=desc)
         else:
             result = fista(problem, self.rtol, max_iter, progress=self.progress, desc=desc)
         log = logger.warning if result.unconverged else logger.info

@@ -83,7 +83,12 @@ def _norm(t):
 
 @torch.no_grad()
 def admm(problem: RowProblem, rtol: float, max_iter: int, rho=None, exact: bool = False,
-         adaptive_rho: bool = True, progress=None, desc="ADMM") -> RowSolve:
+         adaptive_rho: bool = True, progress=None, desc="ADMM", start=None,
+         gap_scale=None) -> RowSolve:
+    """``start``: candidate rows (regularized problem only); those whose
+    duality gap already meets rtol are returned as they are, the others
+    start from 0. ``gap_scale``: per row, what the
+    duality gap is compared with (times rtol); default ‖t_i‖²."""
     rows, cols = problem.cross.shape
     V = problem.cross.new_zeros(rows, cols)
     if rows == 0 or cols == 0:
@@ -92,11 +97,23 @@ def admm(problem: RowProblem, rtol: float, max_iter: int, rho=None, exact: bool 
     rho0 = default_rho(linear.eigenvalues) if rho is None else float(rho)
     use_gap = certifiable(problem) and not exact
     tiny = torch.finfo(V.dtype).tiny
+    scale_sq = problem.target_sq if gap_scale is None else gap_scale.to(V.dtype)
+    V0, dual0 = V.clone(), V.clone()
+    if start is not None and not exact:
+        V0 = start.to(V.dtype).clone()
     active = ActiveRows(
-        V, V=V.clone(), dual=V.clone(), eig_cross=linear.cross, cross=problem.cross,
-        target_sq=problem.target_sq, rho=V.new_full((rows, 1), rho0),
+        V, V=V0, dual=dual0, eig_cross=linear.cross, cross=problem.cross,
+        target_sq=problem.target_sq, scale_sq=scale_sq, rho=V.new_full((rows, 1), rho0),
         scale=_norm(problem.cross),
     )
+    if start is not None and not exact and use_gap:
+        # A start that is already optimal to rtol is kept as it is. The other
+        # rows start from 0, as without a start: one ADMM step from a start
+        # that is not optimal can move far (the prox amplifies its first-order
+        # error by 1/ρ), and ADMM from 0 is the known quantity.
+        gap = problem.duality_gap(V0, V0 @ problem.gram, problem.cross, problem.target_sq)
+        active.retire(gap <= rtol * scale_sq, V0)
+        active.update(V=torch.zeros_like(active.V), dual=torch.zeros_like(active.dual))
     iteration, next_rebalance = 0, CHECK_EVERY
     with progress_bar(total=max_iter, desc=desc, progress=progress) as bar:
         while iteration < max_iter and len(active):
@@ -112,7 +129,7 @@ def admm(problem: RowProblem, rtol: float, max_iter: int, rho=None, exact: bool 
             primal_res, dual_res = _norm(W - V), rho.squeeze(1) * _norm(V - V_old)
             if use_gap:
                 gap = problem.duality_gap(V, V @ problem.gram, active.cross, active.target_sq)
-                done = gap <= rtol * active.target_sq
+                done = gap <= rtol * active.scale_sq
             else:
                 size = torch.maximum(_norm(W), _norm(V)).clamp_min(tiny)
                 done = (primal_res <= rtol * size) & (dual_res <= rtol * active.scale)
@@ -126,5 +143,5 @@ def admm(problem: RowProblem, rtol: float, max_iter: int, rho=None, exact: bool 
             active.retire(done, V)
             bar.update(CHECK_EVERY)
             bar.set_postfix(rows_left=len(active), refresh=False)
-    unconverged = len(active)
-    return RowSolve(active.finish(active.V), iteration, unconverged)
+    unconverged, pending = len(active), active.index.clone()
+    return RowSolve(active.finish(active.V), iteration, unconverged, pending)

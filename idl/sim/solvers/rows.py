@@ -15,6 +15,7 @@ smooth part for all rows at once is W G − H + ridge·W, one GEMM.
 """
 import math
 from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
 
@@ -124,6 +125,7 @@ class RowSolve:
     W: torch.Tensor
     iterations: int
     unconverged: int
+    pending: Optional[torch.Tensor] = None  # indices of the unconverged rows
 
 
 class ActiveRows:
