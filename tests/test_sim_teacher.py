@@ -254,3 +254,45 @@ def test_sim_with_a_python_activation_pickles_and_saves(tmp_path):
         assert other.implicit_model.f.python_activation
         with torch.no_grad():
             torch.testing.assert_close(other(U), expected)
+
+
+# ---- rows whose ball is active ------------------------------------------------------
+
+
+def digits_states(scale=3.0, seed=0):
+    """States of a random bias-free 64-64-32-16-10 ReLU net on digits pixels
+    (near-constant border pixels: a badly conditioned Gram matrix), its
+    weights scaled so that the hidden-to-hidden layers violate kappa."""
+    from sklearn.datasets import load_digits
+
+    from idl.sim import capture_states
+
+    U = torch.tensor(load_digits().data[:1200] / 16.0, dtype=torch.float32)
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(64, 64, bias=False), nn.ReLU(), nn.Linear(64, 32, bias=False), nn.ReLU(),
+                        nn.Linear(32, 16, bias=False), nn.ReLU(), nn.Linear(16, 10, bias=False))
+    with torch.no_grad():
+        for module in net:
+            if isinstance(module, nn.Linear):
+                module.weight.mul_(scale)
+    return capture_states(net, loader(U, batch_size=1200))
+
+
+def test_rows_with_an_active_ball_converge(caplog):
+    """Before the warm start, 20-50 of these 112 rows stopped at max_iter."""
+    states = digits_states()
+    solver = BatchedProxSolver(progress=False, max_iter=1000, tol=0.0)
+    with caplog.at_level(logging.INFO, logger="idl.sim"):
+        A, B, C, D = solver.solve(states.X, states.U, states.Z, states.Y, {"kappa": 0.99, "dtype": torch.float64})
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], messages
+    assert any("warm start" in m for m in messages)  # the ball is active on some rows
+    assert A.abs().sum(dim=1, dtype=torch.float64).max().item() <= 0.99
+    # the same rows as the exact solver (CVX) would give: the optimality conditions
+    from idl.sim.solvers.rows import RowProblem
+
+    features = torch.cat([states.X, states.U], dim=1)
+    problem = RowProblem.from_data(features, states.Z, 1e-6, 0.0, states.X.shape[1], 0.99)
+    W = torch.cat([A, B], dim=1).double()
+    gap = problem.duality_gap(W, W @ problem.gram, problem.cross, problem.target_sq)
+    assert (gap <= 1e-5 * problem.target_sq).all()
