@@ -191,8 +191,14 @@ def test_balance_hidden_norms_keeps_the_function():
         torch.testing.assert_close(net(U), before)
     for index in (2, 4):
         assert torch.linalg.matrix_norm(net[index].weight, ord=math.inf).item() == pytest.approx(0.7)
-    with pytest.raises(ValueError, match="bias"):
-        balance_hidden_norms(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2)))
+    biased = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3),
+                           nn.ReLU(), nn.Linear(3, 2)).double()
+    with torch.no_grad():
+        biased[2].weight.mul_(5)
+        before = biased(U)
+        balance_hidden_norms(biased, 0.7)
+        after = biased(U)
+    assert ((after - before).norm() / before.norm()).item() < 1e-6
     with pytest.raises(ValueError, match="homogeneous"):
         balance_hidden_norms(nn.Sequential(nn.Linear(2, 2, bias=False), nn.Tanh()))
     with pytest.raises(TypeError, match="Sequential"):

@@ -296,3 +296,33 @@ def test_rows_with_an_active_ball_converge(caplog):
     W = torch.cat([A, B], dim=1).double()
     gap = problem.duality_gap(W, W @ problem.gram, problem.cross, problem.target_sq)
     assert (gap <= 1e-5 * problem.target_sq).all()
+
+
+class CustomMLP(nn.Module):
+    """A teacher as users write them: its own forward, one ReLU module used
+    twice, a flatten by view."""
+
+    def __init__(self, same_batch_view=False):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(12, 10), nn.Linear(10, 8), nn.Linear(8, 3)
+        self.act = nn.ReLU()
+        self.same_batch_view = same_batch_view
+
+    def forward(self, x):
+        x = x.view(x.size(0), -1) if self.same_batch_view else torch.flatten(x, 1)
+        return self.fc3(self.act(self.fc2(self.act(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("same_batch_view", [False, True])
+def test_custom_module_teacher_is_read_as_a_chain(same_batch_view):
+    torch.manual_seed(13)
+    teacher = CustomMLP(same_batch_view).eval()
+    with torch.no_grad():
+        teacher.fc2.weight.mul_(4)  # ||W||_inf beyond kappa
+    prepared = prepare_teacher(teacher, nn.functional.relu, 0.99)
+    assert prepared.rescaled
+    U = torch.randn(300, 3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(prepared.model(U), teacher(U), atol=1e-5, rtol=1e-5)
+    sim = SIM().train(model=teacher, dataloader=loader(U))
+    assert relative_error(sim, teacher, torch.randn(100, 3, 4)) < 1e-2

@@ -1,5 +1,6 @@
-"""Function-preserving rescaling of a bias-free ReLU network, so that SIM can
-embed it exactly with ||A||_inf <= kappa."""
+"""Function-preserving rescaling of a ReLU network, so that SIM can embed it
+exactly with ||A||_inf <= kappa. (SIM does this itself, on a copy, by
+default: see idl.sim.teacher.)"""
 import math
 
 import torch
@@ -13,13 +14,15 @@ HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.Identity)
 def balance_hidden_norms(model: nn.Sequential, kappa: float = 0.9) -> nn.Sequential:
     """Scale, in place, every hidden-to-hidden ``nn.Linear`` of ``model`` to
     ||W||_inf = kappa, and the last ``nn.Linear`` by the inverse of the product
-    of the factors. The network computes exactly the same function (the
-    activations are positively homogeneous and there are no biases), and its
+    of the factors; the bias of hidden layer k, whose output is scaled by the
+    product c_k of the factors up to k, is scaled by c_k too. The network
+    computes the same function (the activations are positively homogeneous),
+    and its
     implicit embedding (hidden layers stacked, A made of the hidden-to-hidden
     weights) then has ||A||_inf = kappa.
 
     Args:
-        model: an ``nn.Sequential`` of bias-free ``nn.Linear`` layers and
+        model: an ``nn.Sequential`` of ``nn.Linear`` layers and
             ``nn.ReLU`` / ``nn.LeakyReLU`` / ``nn.Identity`` modules.
         kappa: the target norm, > 0.
 
@@ -33,8 +36,6 @@ def balance_hidden_norms(model: nn.Sequential, kappa: float = 0.9) -> nn.Sequent
     linears = []
     for module in model:
         if isinstance(module, nn.Linear):
-            if module.bias is not None:
-                raise ValueError("model has a Linear layer with a bias: rescaling would change its function")
             linears.append(module)
         elif not isinstance(module, HOMOGENEOUS):
             raise ValueError(
@@ -45,10 +46,14 @@ def balance_hidden_norms(model: nn.Sequential, kappa: float = 0.9) -> nn.Sequent
         return model  # no hidden-to-hidden layer
     total = 1.0
     for linear in linears[1:-1]:
+        if linear.bias is not None:
+            linear.bias.mul_(total)  # the layers below scaled this layer's input by total
         norm = torch.linalg.matrix_norm(linear.weight.double(), ord=math.inf).item()
         if norm == 0:
             continue
         linear.weight.mul_(kappa / norm)
+        if linear.bias is not None:
+            linear.bias.mul_(kappa / norm)
         total *= kappa / norm
     linears[-1].weight.div_(total)
     return model

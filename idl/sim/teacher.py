@@ -111,6 +111,58 @@ def _leaves(module: nn.Module) -> Optional[List[nn.Module]]:
     return [module]
 
 
+def _is_flatten(node) -> bool:
+    """torch.flatten(x, 1), x.flatten(1), x.view(-1, k) / x.reshape(-1, k)
+    (x.view(x.size(0), -1) is read in _traced_chain)."""
+    args = node.args[1:]
+    if node.op == "call_function" and node.target is torch.flatten:
+        return tuple(args) == (1,) or node.kwargs == {"start_dim": 1}
+    if node.op == "call_method" and node.target == "flatten":
+        return tuple(args) == (1,) or node.kwargs == {"start_dim": 1}
+    if node.op == "call_method" and node.target in ("view", "reshape"):
+        return len(args) == 2 and args[0] == -1 and isinstance(args[1], int)
+    return False
+
+
+def _traced_chain(model: nn.Module) -> Optional[List[nn.Module]]:
+    """The modules of ``model`` in call order when its forward is a plain
+    chain (each call on the previous one's output) of modules and flattens,
+    as torch.fx traces it; else None."""
+    try:
+        import torch.fx
+
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - not traceable: not a chain we can read
+        return None
+    modules = dict(model.named_modules())
+    chain, previous, batch = [], None, None
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if previous is not None:
+                return None
+            previous = node
+        elif node.op == "output":
+            return chain if node.args and node.args[0] is previous and chain else None
+        elif (node.op == "call_method" and node.target == "size" and node.args[1:] == (0,)
+              and node.all_input_nodes == [previous]):
+            batch = node  # x.size(0), for x.view(x.size(0), -1)
+        elif (batch is not None and node.op == "call_method" and node.target in ("view", "reshape")
+              and node.args[1:] == (batch, -1)):
+            chain.append(nn.Flatten())
+            previous, batch = node, None
+        elif node.all_input_nodes != [previous] or previous is None:
+            return None
+        elif node.op == "call_module" and not list(modules[node.target].children()):
+            chain.append(modules[node.target])
+            previous = node
+        elif _is_flatten(node):
+            chain.append(nn.Flatten())
+            previous = node
+        else:
+            return None
+    return None
+
+
 def _affine_batchnorm(bn) -> bool:
     return (isinstance(bn, nn.BatchNorm1d) and bn.track_running_stats
             and bn.running_mean is not None and bn.running_var is not None)
@@ -182,7 +234,8 @@ def prepare_teacher(model: nn.Module, activation_fn, kappa: float,
                     rescale: bool = True) -> PreparedTeacher:
     """Prepare ``model`` (never modified) for SIM's state capture.
 
-    When ``model`` is a (nested) ``nn.Sequential`` of Linear layers, eval-mode
+    When ``model`` is a (nested) ``nn.Sequential``, or a module whose forward
+    is such a chain (read with torch.fx), of Linear layers, eval-mode
     BatchNorm1d, Flatten, Dropout and activation modules that are all
     positively homogeneous and equal to ``activation_fn``, and ``rescale`` is
     True, returns a float64 copy with every BatchNorm folded into a Linear
@@ -204,6 +257,8 @@ def prepare_teacher(model: nn.Module, activation_fn, kappa: float,
                if t.is_floating_point()):
         return result  # the state capture names the layer where it goes wrong
     leaves = _leaves(model)
+    if leaves is None:
+        leaves = _traced_chain(model)
     if leaves is None or not all(isinstance(m, HOMOGENEOUS) for m in leaves
                                  if isinstance(m, ACTIVATION_TYPES)):
         return result
