@@ -10,8 +10,6 @@
 #include "idl.h"
 #include "serial_blas.h"
 
-#include <cmath>
-
 namespace {
 
 using namespace idl_checks;
@@ -52,16 +50,6 @@ at::Tensor stats_tensor(const idl_stats& s) {
 at::Tensor workspace_for(int64_t m, int64_t n, const at::Tensor& like, const idl_solver& solver) {
     return at::empty({idl_solve_workspace_bytes(m, n, like.element_size(), solver)},
                      like.options().dtype(at::kByte));
-}
-
-// Whether every value of t is finite (the whole pass vectorises: no early exit).
-template <typename T>
-bool all_finite(const at::Tensor& t) {
-    const auto values = t.contiguous();
-    const T* p = values.const_data_ptr<T>();
-    bool finite = true;
-    for (int64_t i = 0, count = values.numel(); i < count; ++i) finite &= std::isfinite(p[i]);
-    return finite;
 }
 
 // ---- CPU implementations ----------------------------------------------------
@@ -108,16 +96,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_point_cpu(
     RightFactor at_factor{A.t()};
     idl_matmul mm{matmul_by_factor, &at_factor};
     idl_stats stats;
+    if (!solve_inputs_finite(A, c0)) return unsolved_nonfinite(c0);
     AT_DISPATCH_FLOATING_TYPES(c0.scalar_type(), "idl::fixed_point", [&] {
-        // NaN or Inf in A or C0 could hide from the iterates (a saturating φ,
-        // or ReLU units all dead), so the inputs are looked at once, up
-        // front: the solve then reports them without iterating.
-        if (!all_finite<scalar_t>(A) || !all_finite<scalar_t>(c0)) {
-            x.fill_(NAN);
-            z.fill_(NAN);
-            stats = idl_stats{0, NAN, 0};
-            return;
-        }
         const scalar_t* start = x0.defined() ? x0.const_data_ptr<scalar_t>() : nullptr;
         stats = Kernels<scalar_t>::fixed_point(m, n, mm, c0.const_data_ptr<scalar_t>(), start,
                                                args.act, args.solver, x.data_ptr<scalar_t>(),

@@ -266,16 +266,18 @@ def test_zero_width_solve_takes_no_iteration(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_nan_in_A_shows_at_the_second_iteration_from_zero(device):
-    """From zero the first product, 0 A^T, is skipped (one GEMM fewer), so a
-    NaN in A shows in the second iteration, forward and adjoint alike."""
+def test_nan_in_A_is_found_before_the_forward_and_in_the_adjoints_second_iteration(device):
+    """The forward solve looks at A before iterating (0 iterations, NaN out);
+    the adjoint, whose A the forward has seen, skips its first product from
+    zero (one GEMM fewer), so a NaN shows in its second iteration. The same on
+    every device."""
     A, C0 = problem(m=5, n=6)
     _, Z, _ = solve(A, C0, "tanh")
     A[1, 2] = float("nan")
     A, C0, Z = A.to(device), C0.to(device), Z.to(device)
-    _, _, stats = torch.ops.idl.fixed_point(A, C0, None, "tanh", 0.0, 100, 1e-10, 100, 1e-10)
+    X, _, stats = torch.ops.idl.fixed_point(A, C0, None, "tanh", 0.0, 100, 1e-10, 100, 1e-10)
     iterations, residual, converged = stats.tolist()
-    assert (iterations, converged) == (2.0, 0.0) and residual != residual
+    assert (iterations, converged) == (0.0, 0.0) and residual != residual and X.isnan().all()
     _, stats = torch.ops.idl.fixed_point_adjoint(A, Z, torch.ones_like(Z), "tanh", 0.0, 100, 1e-10)
     iterations, residual, converged = stats.tolist()
     assert (iterations, converged) == (2.0, 0.0) and residual != residual

@@ -120,6 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_point_cuda(
     check_picard(args.solver);
     const c10::cuda::CUDAGuard guard(C0.device());
     auto c0 = C0.contiguous();
+    if (!solve_inputs_finite(A, c0)) return unsolved_nonfinite(c0);  // one host sync
     auto x0 = X0.has_value() ? X0->contiguous() : at::Tensor();  // undefined: start at 0
     const int64_t m = c0.size(0), n = c0.size(1);
     auto x = at::empty_like(c0);
