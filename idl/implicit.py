@@ -158,7 +158,8 @@ class ImplicitModel(nn.Module):
     X is (batch, hidden_dim), the output (batch, output_dim). The forward solve
     runs until every sample's residual ||X_{k+1} - X_k||_inf is <= tol; the
     backward is implicit differentiation, its own solve with grad_mitr and
-    grad_tol. Parameters are initialised as in torchidl (randn / hidden_dim).
+    grad_tol. B and C are initialised as nn.Linear's weights, D = 0 and A
+    small (not torchidl's randn / hidden_dim, under which ReLUs die in training).
 
     Args:
         input_dim, output_dim, hidden_dim: p, q and n.
@@ -243,21 +244,33 @@ class ImplicitModel(nn.Module):
         self.kappa, self.projection = float(kappa), projection
         self.activation, self.negative_slope = activation, float(negative_slope)
 
-        scale = 1.0 / hidden_dim
-        if is_low_rank:
-            self.L = nn.Parameter(torch.randn(hidden_dim, rank) * scale)
-            self.R = nn.Parameter(torch.randn(hidden_dim, rank) * scale)
+        # Not torchidl's randn / hidden_dim: there B's entries (~0.01 at n = 100)
+        # are about the size of Adam's first steps, which shift every hidden
+        # pre-activation far past its spread and kill the ReLUs (benchmarks/
+        # README.md, "Real data"). B, C and the biases as nn.Linear's (uniform
+        # in ±1/sqrt(fan_in)); D = 0 and a small A (entries ~ 0.1 / n,
+        # ||A||_inf ~ 0.08), so a new model is close to the explicit network
+        # relu(U Bᵀ) Cᵀ that it generalises.
+        def uniform(*shape, fan_in):
+            bound = 1.0 / math.sqrt(fan_in)
+            return torch.empty(*shape).uniform_(-bound, bound)
+
+        a_std = 0.1 / hidden_dim
+        if is_low_rank:  # entries of L Rᵀ with std a_std
+            factor = math.sqrt(a_std / math.sqrt(rank))
+            self.L = nn.Parameter(torch.randn(hidden_dim, rank) * factor)
+            self.R = nn.Parameter(torch.randn(hidden_dim, rank) * factor)
         else:
-            self.A = nn.Parameter(torch.randn(hidden_dim, hidden_dim) * scale)
-        self.B = nn.Parameter(torch.randn(hidden_dim, input_dim) * scale)
-        self.C = nn.Parameter(torch.randn(output_dim, hidden_dim) * scale)
+            self.A = nn.Parameter(torch.randn(hidden_dim, hidden_dim) * a_std)
+        self.B = nn.Parameter(uniform(hidden_dim, input_dim, fan_in=input_dim))
+        self.C = nn.Parameter(uniform(output_dim, hidden_dim, fan_in=hidden_dim))
         if no_D:
             self.register_buffer("D", torch.zeros(output_dim, input_dim), persistent=False)
         else:
-            self.D = nn.Parameter(torch.randn(output_dim, input_dim) * scale)
+            self.D = nn.Parameter(torch.zeros(output_dim, input_dim))
         if bias:
-            self.bias_hidden = nn.Parameter(torch.randn(hidden_dim) * scale)
-            self.bias_out = nn.Parameter(torch.randn(output_dim) * scale)
+            self.bias_hidden = nn.Parameter(uniform(hidden_dim, fan_in=input_dim))
+            self.bias_out = nn.Parameter(uniform(output_dim, fan_in=hidden_dim))
         self.last_stats: Optional[SolveStats] = None
 
     # -- pieces ------------------------------------------------------------
