@@ -179,9 +179,7 @@ class BatchedProxSolver(StagedSolver):
         k = problem.ball_cols if math.isfinite(problem.radius) else 0
         options = dict(rho=rho, adaptive_rho=self.adaptive_rho, progress=self.progress)
         if k == 0:
-            _, lift = split_free_columns(problem, 0)
-            start = lift(problem.cross.new_zeros(problem.num_rows, 0))
-            return admm(problem, self.rtol, max_iter, desc=desc, start=start, **options)
+            return admm(problem, self.rtol, max_iter, desc=desc, start="least_squares", **options)
         probe = admm(problem, self.rtol, min(max_iter, WARM_START_AFTER), desc=desc, **options)
         if not probe.unconverged or k >= d:
             return probe

@@ -28,7 +28,7 @@ import torch
 
 from .._progress import progress_bar
 from .._prox_ops import prox_l1_ball
-from .rows import ActiveRows, RowProblem, RowSolve, certifiable
+from .rows import ActiveRows, RowProblem, RowSolve, certifiable, symmetric_eigh
 
 # Every this many iterations the rows are checked for convergence, and ρ may
 # be rebalanced: by RHO_STEP when one residual is RHO_RATIO times the other,
@@ -54,7 +54,7 @@ class _LinearStep:
     """The W-update for all active rows, in G's eigenbasis."""
 
     def __init__(self, problem: RowProblem, exact: bool):
-        eigenvalues, self.basis = torch.linalg.eigh(problem.gram)
+        eigenvalues, self.basis = symmetric_eigh(problem.gram)
         self.eigenvalues = eigenvalues.clamp_min(0)
         self.ridge, self.exact = problem.ridge, exact
         cross = problem.cross @ self.basis
@@ -65,6 +65,15 @@ class _LinearStep:
             self.fixed = self.eigenvalues > cutoff
             cross = torch.where(self.fixed, cross / torch.where(self.fixed, self.eigenvalues, 1), 0)
         self.cross = cross  # H Q, or for exact matching the data-fixed coordinates
+
+    def least_squares(self, problem: RowProblem) -> torch.Tensor:
+        """The (ridge) least-squares rows, minimum-norm: H G⁺ from G's
+        eigen-decomposition, eigenvalues below eps·d·max treated as 0."""
+        values = self.eigenvalues + self.ridge
+        cutoff = self.eigenvalues.max() * self.eigenvalues.numel() * torch.finfo(values.dtype).eps
+        inverse = torch.where(values > cutoff, 1.0 / values.clamp_min(torch.finfo(values.dtype).tiny),
+                              torch.zeros_like(values))
+        return ((problem.cross @ self.basis) * inverse) @ self.basis.t()
 
     def __call__(self, cross, anchor, rho):
         """W for the active rows (their slice ``cross`` of self.cross), given
@@ -85,7 +94,8 @@ def _norm(t):
 def admm(problem: RowProblem, rtol: float, max_iter: int, rho=None, exact: bool = False,
          adaptive_rho: bool = True, progress=None, desc="ADMM", start=None,
          gap_scale=None) -> RowSolve:
-    """``start``: candidate rows (regularized problem only); those whose
+    """``start``: candidate rows (regularized problem only), or
+    ``"least_squares"`` for the least-squares rows; those whose
     duality gap already meets rtol are returned as they are, the others
     start from 0. ``gap_scale``: per row, what the
     duality gap is compared with (times rtol); default ‖t_i‖²."""
@@ -99,6 +109,10 @@ def admm(problem: RowProblem, rtol: float, max_iter: int, rho=None, exact: bool 
     tiny = torch.finfo(V.dtype).tiny
     scale_sq = problem.target_sq if gap_scale is None else gap_scale.to(V.dtype)
     V0, dual0 = V.clone(), V.clone()
+    if isinstance(start, str):
+        if start != "least_squares":
+            raise ValueError(f"start must be rows or 'least_squares', got {start!r}")
+        start = linear.least_squares(problem)
     if start is not None and not exact:
         V0 = start.to(V.dtype).clone()
     active = ActiveRows(

@@ -17,7 +17,7 @@ import torch
 
 from .._progress import progress_bar
 from .._prox_ops import prox_l1_ball
-from .rows import ActiveRows, RowProblem, RowSolve, certifiable
+from .rows import ActiveRows, RowProblem, RowSolve, certifiable, serial_lapack
 
 # Every this many iterations the rows are checked for convergence.
 CHECK_EVERY = 10
@@ -25,7 +25,10 @@ CHECK_EVERY = 10
 
 def lipschitz_constant(problem: RowProblem) -> float:
     """L of the smooth part: the largest eigenvalue of G, plus the ridge."""
-    top = torch.linalg.eigvalsh(problem.gram)[-1].item() if problem.gram.numel() else 0.0
+    if not problem.gram.numel():
+        return problem.ridge
+    with serial_lapack():
+        top = torch.linalg.eigvalsh(problem.gram)[-1].item()
     return max(top, 0.0) + problem.ridge
 
 

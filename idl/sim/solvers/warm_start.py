@@ -31,7 +31,7 @@ far below rtol·‖t‖².
 """
 import torch
 
-from .rows import RowProblem
+from .rows import RowProblem, symmetric_eigh
 
 
 def _pseudo_inverse(G: torch.Tensor) -> torch.Tensor:
@@ -39,7 +39,7 @@ def _pseudo_inverse(G: torch.Tensor) -> torch.Tensor:
     eps·d·max treated as 0."""
     if G.numel() == 0:
         return G.clone()
-    values, vectors = torch.linalg.eigh(G)
+    values, vectors = symmetric_eigh(G)
     cutoff = values.max().clamp_min(0) * G.shape[0] * torch.finfo(G.dtype).eps
     inverse = torch.where(values > cutoff, 1.0 / values.clamp_min(torch.finfo(G.dtype).tiny),
                           torch.zeros_like(values))
