@@ -80,7 +80,12 @@ print(f"distance to A: exact {torch.dist(exact, A):.3f}, scale {torch.dist(scale
 ## `ImplicitModel` on a regression task
 
 `ImplicitModel` is a drop-in `nn.Module`: forward and backward are packaged,
-any optimizer trains it. This is the upstream tutorial's example, unchanged.
+any optimizer trains it. This is the upstream tutorial's example, unchanged,
+but its printed losses are not upstream's (which fell from about 1 to 0.69):
+`idl` initialises the weights differently from torchidl (B and C as
+`nn.Linear`'s, D = 0 and a small A, where torchidl draws every weight as
+randn / n), because under torchidl's initialisation most hidden ReLUs die in
+training on real data (benchmarks/README.md, "Real data").
 """),
     ("code", r"""
 x = torch.randn(5, 64).to(device)  # (batch_size=5, input_dim=64)
