@@ -21,7 +21,7 @@ METHODS = ("admm", "fista")
 # Iteration limit of the warm start's solve (n variables per row: cheap).
 WARM_START_ITERATIONS = 20_000
 # Plain ADMM iterations before the rows still running get the warm start.
-WARM_START_AFTER = 200
+WARM_START_AFTER = 100
 
 
 class BatchedProxSolver(StagedSolver):
