@@ -80,6 +80,8 @@ def make_model(kind: str):
         return nn.Sequential(nn.Linear(784, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 10))
     if kind == "idl":
         return idl.ImplicitModel(784, 10, HIDDEN)
+    if kind == "idl, no_D":  # not in the default rows: what the U Dᵀ path costs
+        return idl.ImplicitModel(784, 10, HIDDEN, no_D=True)
     if kind == "idl, torchidl init":
         return torchidl_init(idl.ImplicitModel(784, 10, HIDDEN))
     if kind == "torchidl 0.0.4":
