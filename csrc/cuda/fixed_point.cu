@@ -506,6 +506,10 @@ cudaError_t wait_for(Snapshot &snap) {
         return cudaSuccess;
     if (ready != cudaErrorNotReady)
         return ready;
+    // "not ready" is recorded as the thread's last error: cleared, or the next
+    // launch check would take it for a failure (every launch is checked at
+    // once, so no real error is pending here)
+    (void)cudaGetLastError();
     ++snap.host->waits;
     return cudaEventSynchronize(snap.landed);
 }
