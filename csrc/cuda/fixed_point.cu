@@ -68,6 +68,7 @@ struct Progress {
     long long last_retire_iter;   // iteration in which the last one finished
     long long nonfinite_iter;     // first iteration with a NaN/Inf residual, 0: none
     int nonfinite;                // 1: an Inf residual was seen, 2: a NaN one
+    int bad_inputs;               // A or C0 holds NaN or Inf: no pass does anything
 };
 static_assert(sizeof(Progress) <= IDL_CUDA_SNAPSHOT_BYTES, "IDL_CUDA_SNAPSHOT_BYTES too small");
 
@@ -299,7 +300,7 @@ __global__ void step_kernel(int64_t active, int64_t n, long long iteration, doub
                             Update update, Workset<T> w, T *out) {
     __shared__ MixScratch scratch[kRowsPerBlock];
     const long long stopped_at = w.progress->nonfinite_iter;
-    if (stopped_at != 0 && stopped_at < iteration)
+    if (w.progress->bad_inputs || (stopped_at != 0 && stopped_at < iteration))
         return;
     const int lane = threadIdx.x % kWarp;
     const bool mixing = w.acc.memory > 0;
@@ -449,12 +450,37 @@ __global__ void stats_kernel(int64_t m, int64_t active, long long passes, const 
     stats[2] = converged ? 1.0 : 0.0;
 }
 
+// A forward solve whose A or C0 holds NaN or Inf (*inputs_ok == 0, found by
+// the caller on the device) is reported as the CPU reports it, stopped before
+// its first iteration: the flag stops every pass and reads as a NaN residual
+// at iteration 0 (so the host's next check ends the loop), and
+// poison_kernel then fills X and Z with NaN.
+__global__ void inputs_kernel(const uint8_t *inputs_ok, Progress *progress) {
+    if (*inputs_ok == 0) {
+        progress->bad_inputs = 1;
+        progress->nonfinite = 2;
+    }
+}
+
+template <typename T>
+__global__ void poison_kernel(int64_t count, const Progress *progress, T *x, T *z) {
+    if (!progress->bad_inputs)
+        return;
+    for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        x[i] = static_cast<T>(NAN);
+        z[i] = static_cast<T>(NAN);
+    }
+}
+
 // The stats of a solve with nothing to solve (m or n is 0), as the C solver
-// reports them: no iteration, converged.
-__global__ void nothing_to_solve_kernel(double *stats) {
+// reports them: no iteration, converged; unless A holds NaN or Inf (see
+// inputs_kernel), which the CPU reports for an empty batch too.
+__global__ void nothing_to_solve_kernel(const uint8_t *inputs_ok, double *stats) {
+    const bool bad = inputs_ok != nullptr && *inputs_ok == 0;
     stats[0] = 0.0;
-    stats[1] = 0.0;
-    stats[2] = 1.0;
+    stats[1] = bad ? nan("") : 0.0;
+    stats[2] = bad ? 0.0 : 1.0;
 }
 
 // ---- the host loop ---------------------------------------------------------------
@@ -520,12 +546,13 @@ cudaError_t wait_for(Snapshot &snap) {
 // second product on, at the same iteration as on the CPU).
 template <typename T, typename Update>
 cudaError_t iterate(int64_t m, int64_t n, idl_matmul mm, Update update, idl_solver solver,
-                    int64_t check_every, bool zero_start, Workset<T> w, T *out,
-                    double *stats, idl_cuda_host *host, cudaStream_t stream) {
+                    int64_t check_every, bool zero_start, const uint8_t *inputs_ok,
+                    Workset<T> w, T *out, double *stats, idl_cuda_host *host,
+                    cudaStream_t stream) {
     if (check_every < 0)
         return cudaErrorInvalidValue;
     if (m == 0 || n == 0) {  // nothing to solve, and no buffer to touch
-        nothing_to_solve_kernel<<<1, 1, 0, stream>>>(stats);
+        nothing_to_solve_kernel<<<1, 1, 0, stream>>>(inputs_ok, stats);
         return cudaGetLastError();
     }
     IDL_TRY(cudaMemsetAsync(w.frozen, 0, m * sizeof(int), stream));
@@ -539,6 +566,8 @@ cudaError_t iterate(int64_t m, int64_t n, idl_matmul mm, Update update, idl_solv
     }
     start_kernel<<<blocks_for(m < 65536 * 256 ? m : 65536 * 256, 256), 256, 0, stream>>>(
         m, w.idx, w.acc.memory > 0 ? w.acc.last_res : nullptr);
+    if (inputs_ok != nullptr)
+        inputs_kernel<<<1, 1, 0, stream>>>(inputs_ok, w.progress);
     IDL_TRY(cudaGetLastError());
     Snapshot snap{static_cast<Progress *>(host->snapshot), nullptr, false, host};
     if (check_every > 0)
@@ -604,17 +633,22 @@ cudaError_t iterate(int64_t m, int64_t n, idl_matmul mm, Update update, idl_solv
 
 template <typename T>
 cudaError_t fixed_point(int64_t m, int64_t n, idl_matmul matmul_at, const T *c0, const T *x0,
-                        idl_act act, idl_solver solver, int64_t check_every, T *x, T *z,
-                        double *stats, void *workspace, idl_cuda_host *host,
-                        cudaStream_t stream) {
+                        const uint8_t *inputs_ok, idl_act act, idl_solver solver,
+                        int64_t check_every, T *x, T *z, double *stats, void *workspace,
+                        idl_cuda_host *host, cudaStream_t stream) {
     Workset<T> w = workset<T>(m, n, solver, workspace);
     const size_t bytes = static_cast<size_t>(m * n) * sizeof(T);
     if (x0 != nullptr)
         IDL_TRY(cudaMemcpyAsync(w.xw, x0, bytes, cudaMemcpyDeviceToDevice, stream));
     else
         IDL_TRY(cudaMemsetAsync(w.xw, 0, bytes, stream));
-    return iterate(m, n, matmul_at, ForwardUpdate<T>{act, c0, z}, solver, check_every,
-                   x0 == nullptr, w, x, stats, host, stream);
+    IDL_TRY(iterate(m, n, matmul_at, ForwardUpdate<T>{act, c0, z}, solver, check_every,
+                    x0 == nullptr, inputs_ok, w, x, stats, host, stream));
+    if (inputs_ok == nullptr || m * n == 0)
+        return cudaSuccess;
+    poison_kernel<T><<<blocks_for(m * n < 65536 * 256 ? m * n : 65536 * 256, 256), 256, 0,
+                       stream>>>(m * n, w.progress, x, z);
+    return cudaGetLastError();
 }
 
 template <typename T>
@@ -623,8 +657,8 @@ cudaError_t adjoint(int64_t m, int64_t n, idl_matmul matmul_a, const T *z, const
                     void *workspace, idl_cuda_host *host, cudaStream_t stream) {
     Workset<T> w = workset<T>(m, n, solver, workspace);
     IDL_TRY(cudaMemsetAsync(w.xw, 0, static_cast<size_t>(m * n) * sizeof(T), stream));
-    return iterate(m, n, matmul_a, AdjointUpdate<T>{act, z, g}, solver, check_every, true, w, v,
-                   stats, host, stream);
+    return iterate(m, n, matmul_a, AdjointUpdate<T>{act, z, g}, solver, check_every, true,
+                   nullptr, w, v, stats, host, stream);
 }
 
 }  // namespace
@@ -638,21 +672,23 @@ int64_t idl_cuda_solve_workspace_bytes(int64_t m, int64_t n, int64_t elem_size,
 }
 
 cudaError_t idl_cuda_fixed_point_f32(int64_t m, int64_t n, idl_matmul matmul_at,
-                                     const float *c0, const float *x0, idl_act act,
+                                     const float *c0, const float *x0,
+                                     const uint8_t *inputs_ok, idl_act act,
                                      idl_solver solver, int64_t check_every, float *x, float *z,
                                      double *stats, void *workspace, idl_cuda_host *host,
                                      cudaStream_t stream) {
-    return idl_cuda::fixed_point(m, n, matmul_at, c0, x0, act, solver, check_every, x, z, stats,
-                                 workspace, host, stream);
+    return idl_cuda::fixed_point(m, n, matmul_at, c0, x0, inputs_ok, act, solver, check_every,
+                                 x, z, stats, workspace, host, stream);
 }
 
 cudaError_t idl_cuda_fixed_point_f64(int64_t m, int64_t n, idl_matmul matmul_at,
-                                     const double *c0, const double *x0, idl_act act,
+                                     const double *c0, const double *x0,
+                                     const uint8_t *inputs_ok, idl_act act,
                                      idl_solver solver, int64_t check_every, double *x, double *z,
                                      double *stats, void *workspace, idl_cuda_host *host,
                                      cudaStream_t stream) {
-    return idl_cuda::fixed_point(m, n, matmul_at, c0, x0, act, solver, check_every, x, z, stats,
-                                 workspace, host, stream);
+    return idl_cuda::fixed_point(m, n, matmul_at, c0, x0, inputs_ok, act, solver, check_every,
+                                 x, z, stats, workspace, host, stream);
 }
 
 cudaError_t idl_cuda_adjoint_f32(int64_t m, int64_t n, idl_matmul matmul_a, const float *z,

@@ -105,17 +105,23 @@ int64_t idl_cuda_solve_workspace_bytes(int64_t m, int64_t n, int64_t elem_size,
                                        idl_solver solver);
 
 /* Forward: X = φ(X Aᵀ + C0) from X0 (NULL: zeros); `matmul_at` multiplies by
- * Aᵀ. Writes X and Z with X = φ(Z), Z = X_prev Aᵀ + C0 at the last iterate. */
+ * Aᵀ. Writes X and Z with X = φ(Z), Z = X_prev Aᵀ + C0 at the last iterate.
+ * `inputs_ok` (device, one byte; NULL: not looked at) says whether A and C0
+ * are finite, as the caller found on the device: when 0, the solve reports
+ * what the CPU does for such inputs, stopped before its first iteration,
+ * stats [0, NaN, 0], X and Z all NaN; no host sync is spent on it. */
 cudaError_t idl_cuda_fixed_point_f32(int64_t m, int64_t n,
                                      idl_matmul matmul_at, const float *c0,
-                                     const float *x0, idl_act act,
+                                     const float *x0, const uint8_t *inputs_ok,
+                                     idl_act act,
                                      idl_solver solver, int64_t check_every,
                                      float *x, float *z, double *stats,
                                      void *workspace, idl_cuda_host *host,
                                      cudaStream_t stream);
 cudaError_t idl_cuda_fixed_point_f64(int64_t m, int64_t n,
                                      idl_matmul matmul_at, const double *c0,
-                                     const double *x0, idl_act act,
+                                     const double *x0, const uint8_t *inputs_ok,
+                                     idl_act act,
                                      idl_solver solver, int64_t check_every,
                                      double *x, double *z, double *stats,
                                      void *workspace, idl_cuda_host *host,

@@ -186,7 +186,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_point_cuda(
                                              grad_max_iter, grad_tol, method, memory);
     const c10::cuda::CUDAGuard guard(C0.device());
     auto c0 = C0.contiguous();
-    if (!solve_inputs_finite(A, c0)) return unsolved_nonfinite(c0);  // one host sync
+    // NaN/Inf in A or C0: looked for on the device, no host sync (idl_cuda.h)
+    auto inputs_ok = (at::isfinite(A).all() & at::isfinite(c0).all()).to(at::kByte);
     auto x0 = X0.has_value() ? X0->contiguous() : at::Tensor();  // undefined: start at 0
     const int64_t m = c0.size(0), n = c0.size(1);
     auto x = at::empty_like(c0);
@@ -202,7 +203,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_point_cuda(
     AT_DISPATCH_FLOATING_TYPES(c0.scalar_type(), "idl::fixed_point", [&] {
         const cudaError_t status = CudaKernels<scalar_t>::fixed_point(
             m, n, mm, c0.const_data_ptr<scalar_t>(),
-            x0.defined() ? x0.const_data_ptr<scalar_t>() : nullptr, args.act, args.solver,
+            x0.defined() ? x0.const_data_ptr<scalar_t>() : nullptr,
+            inputs_ok.const_data_ptr<uint8_t>(), args.act, args.solver,
             every, x.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
             stats.data_ptr<double>(), work.data_ptr(), &side.host, current_stream());
         at_factor.rethrow_error();  // IDL_CUDA_MATMUL_FAILED: the GEMM's own exception
