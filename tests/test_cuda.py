@@ -304,6 +304,14 @@ def test_float32_solves_ignore_tf32_unless_asked(monkeypatch):
         if torch.cuda.get_device_capability()[0] >= 8:  # TF32 exists from Ampere on
             assert not torch.equal(tf32, fp32)
         torch.testing.assert_close(tf32, fp32, rtol=0, atol=1e-2)
+        monkeypatch.delenv("IDL_ALLOW_TF32")
+        torch.set_float32_matmul_precision("highest")
+        matmul = torch.backends.cuda.matmul
+        if hasattr(matmul, "fp32_precision"):  # the per-backend switch alone
+            matmul.fp32_precision = "tf32"
+            assert torch.equal(ops.fixed_point(A, C0, None, *args)[0], fp32)
+            assert matmul.fp32_precision == "tf32"
+            matmul.fp32_precision = "ieee"
     finally:
         torch.set_float32_matmul_precision(previous)
 

@@ -34,6 +34,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "../aten_matmul.h"
@@ -94,27 +95,46 @@ bool tf32_allowed() {
 }
 
 // Full fp32 GEMMs for a float32 solve, unless IDL_ALLOW_TF32=1 (see the top
-// of this file): torch's matmul precision set to "highest" for the guard's
-// life, then put back.
+// of this file), for the guard's life. torch keeps this switch twice: the
+// legacy matmul precision (set_float32_matmul_precision, allow_tf32), which
+// sets both, and the per-backend fp32_precision, which sets only itself; a
+// user of the latter leaves the two disagreeing, and the legacy getter then
+// throws. So the legacy pair is used where it answers, the new one otherwise,
+// and what was changed is put back.
 class Fp32Gemms {
    public:
-    explicit Fp32Gemms(at::ScalarType dtype)
-        : saved_(at::globalContext().float32MatmulPrecision()),
-          active_(dtype == at::kFloat && !tf32_allowed() &&
-                  saved_ != at::Float32MatmulPrecision::HIGHEST) {
-        if (active_) at::globalContext().setFloat32MatmulPrecision("highest");
+    explicit Fp32Gemms(at::ScalarType dtype) {
+        if (dtype != at::kFloat || tf32_allowed()) return;
+        auto& context = at::globalContext();
+        try {
+            const auto precision = context.float32MatmulPrecision();
+            if (precision == at::Float32MatmulPrecision::HIGHEST) return;
+            legacy_ = precision;
+            context.setFloat32MatmulPrecision("highest");
+        } catch (const c10::Error&) {
+            const auto precision =
+                context.float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL);
+            if (precision != at::Float32Precision::TF32) return;
+            backend_ = precision;
+            context.setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL,
+                                        at::Float32Precision::IEEE);
+        }
     }
     ~Fp32Gemms() {
-        if (active_)
-            at::globalContext().setFloat32MatmulPrecision(
-                saved_ == at::Float32MatmulPrecision::HIGH ? "high" : "medium");
+        auto& context = at::globalContext();
+        if (legacy_)
+            context.setFloat32MatmulPrecision(
+                *legacy_ == at::Float32MatmulPrecision::HIGH ? "high" : "medium");
+        else if (backend_)
+            context.setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL,
+                                        *backend_);
     }
     Fp32Gemms(const Fp32Gemms&) = delete;
     Fp32Gemms& operator=(const Fp32Gemms&) = delete;
 
    private:
-    at::Float32MatmulPrecision saved_;
-    bool active_;
+    std::optional<at::Float32MatmulPrecision> legacy_;  // set: restore the legacy switch
+    std::optional<at::Float32Precision> backend_;       // set: restore the backend's one
 };
 
 // The counters behind idl::cuda_sync_counts.
