@@ -39,6 +39,14 @@ SUMMARY="$LOGS/summary.tsv"
 STARTED=$(date +%s)
 FAILED=0
 
+# Each step has a time limit, so that a hang shows as a failed row rather than
+# a check that never ends (coreutils' timeout; none where it is missing).
+limit() {  # seconds, command...
+    local seconds=$1
+    shift
+    if command -v timeout > /dev/null; then timeout "$seconds" "$@"; else "$@"; fi
+}
+
 row() {  # step, result, detail
     printf '%s\t%s\t%s\n' "$1" "$2" "$3" >> "$SUMMARY"
 }
@@ -99,7 +107,7 @@ else
 fi
 echo "== $WHO: pytest -m \"$MARKS\" ${TESTS[*]}"
 T=$(date +%s)
-if $PY -m pytest -q -p no:cacheprovider -m "$MARKS" "${TESTS[@]}" > "$LOGS/tests.log" 2>&1; then
+if limit 420 $PY -m pytest -q -p no:cacheprovider -m "$MARKS" "${TESTS[@]}" > "$LOGS/tests.log" 2>&1; then
     row "$WHO" "ok" "$(pytest_line "$LOGS/tests.log"), $(elapsed "$T")"
 else
     grep -E "^(FAILED|ERROR)" "$LOGS/tests.log" | head -n 20
@@ -119,12 +127,12 @@ fi
 BENCH=(benchmarks/bench_cuda.py --summary "$SUMMARY" --warmup 2 --reps 5)
 echo "== benchmarks (log: $LOGS/bench.log)"
 T=$(date +%s)
+STATUS=0
 {
-    "$PY" "${BENCH[@]}" --only training --batch 128 --input 784 --hidden 100 --output 10 &&
-    "$PY" "${BENCH[@]}" --only training --batch 128 --input 784 --hidden 4096 --output 10 &&
-    "$PY" "${BENCH[@]}" --only bound --bound-hidden 4096 --bound-batch 4096 --check-every 1 8 16 0
+    limit 90 "$PY" "${BENCH[@]}" --only training --batch 128 --input 784 --hidden 100 --output 10 || STATUS=1
+    limit 120 "$PY" "${BENCH[@]}" --only training --batch 128 --input 784 --hidden 4096 --output 10 || STATUS=1
+    limit 150 "$PY" "${BENCH[@]}" --only bound --bound-hidden 4096 --bound-batch 4096 --check-every 1 8 16 0 || STATUS=1
 } > "$LOGS/bench.log" 2>&1
-STATUS=$?
 cat "$LOGS/bench.log"
 if [ $STATUS = 0 ]; then
     row "benchmarks" "ok" "$(elapsed "$T")"
@@ -138,7 +146,7 @@ echo "== SIM fit on the GPU (log: $LOGS/sim.log)"
 T=$(date +%s)
 if ! $PY -c "import sklearn" 2>/dev/null; then
     row "SIM fit on the GPU" "skipped" "scikit-learn (the digits) is not installed"
-elif $PY - > "$LOGS/sim.log" 2>&1 <<'EOF'
+elif limit 120 $PY - > "$LOGS/sim.log" 2>&1 <<'EOF'
 import time
 
 import torch

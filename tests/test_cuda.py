@@ -54,7 +54,7 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 
 
 def test_every_kernel_file_is_checked():
-    assert {p.name for p in CU_FILES} >= {"projection.cu", "fixed_point.cu"}
+    assert {p.name for p in CU_FILES} >= {"projection.cu", "fixed_point.cu", "prox.cu"}
 
 
 @needs_nvcc
