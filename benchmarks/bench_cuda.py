@@ -8,7 +8,9 @@
    what a solver that does nothing but GEMMs would take. The ratio shows the
    cost of everything else (the fused step kernel, the convergence checks);
    per-sample freezing can take it below 1 when samples finish at different
-   iterations.
+   iterations. Also the host's waits and checks per solve
+   (idl::cuda_sync_counts): with check_every = 0 (fixed iterations) there are
+   none, and the solve runs max_iter passes.
 
 Times are CUDA-event medians over --reps runs after --warmup runs. Usage:
 
@@ -19,6 +21,8 @@ Times are CUDA-event medians over --reps runs after --warmup runs. Usage:
 
 IDL_CUDA_CHECK_EVERY (default 8) sets how often the CUDA solves look at their
 convergence counters; --check-every runs the bound benchmark for several values.
+--summary FILE appends the headline numbers to FILE as tab-separated rows
+(scripts/gpu_check.sh prints them in its table).
 """
 import argparse
 import os
@@ -68,6 +72,13 @@ def import_torchidl(path):
     return torchidl, None
 
 
+def summary_row(args, name, result, detail=""):
+    """One tab-separated row for scripts/gpu_check.sh's table."""
+    if args.summary:
+        with open(args.summary, "a") as out:
+            out.write(f"{name}\t{result}\t{detail}\n")
+
+
 def copy_parameters(source, target):
     """Give `target` (idl) the parameters of `source` (torchidl)."""
     with torch.no_grad():
@@ -96,6 +107,7 @@ def bench_training(args, device, dtype):
     if torchidl is not None:
         reference = torchidl.ImplicitModel(args.input, args.output, args.hidden, **settings)
         reference.to(device=device, dtype=dtype)
+    shape = f"{args.input}->{args.hidden}->{args.output} batch {args.batch}"
     print(f"\n== training step: batch {args.batch}, input {args.input}, hidden {args.hidden}, "
           f"output {args.output}, {dtype}, tol {args.tol}, kappa {args.kappa}")
     rows = []
@@ -117,8 +129,14 @@ def bench_training(args, device, dtype):
     print(f"   {'model':<14} {'ms/step':>10} {'fwd iters':>10} {'bwd iters':>10}")
     for name, ms, forward, backward in rows:
         print(f"   {name:<14} {ms:>10.3f} {forward!s:>10} {backward!s:>10}")
+    idl_ms = rows[1][1]
     if reference is not None:
-        print(f"   speed-up of idl (scale) over torchidl: {rows[2][1] / rows[1][1]:.2f}x")
+        print(f"   speed-up of idl (scale) over torchidl: {rows[2][1] / idl_ms:.2f}x")
+        summary_row(args, f"train step {shape}", f"{idl_ms:.2f} ms",
+                    f"torchidl {rows[2][1]:.2f} ms: {rows[2][1] / idl_ms:.2f}x")
+    else:
+        summary_row(args, f"train step {shape}", f"{idl_ms:.2f} ms",
+                    "torchidl not installed: no comparison")
 
 
 # ---- 2. forward solve against the GEMM bound ----------------------------------------
@@ -143,18 +161,31 @@ def bench_bound(args, device, dtype):
     print(f"\n== forward solve vs GEMM bound: batch {args.bound_batch}, hidden {args.bound_hidden}, "
           f"{dtype}, {args.activation}, tol {args.tol}, kappa {args.kappa}")
     print(f"   one X·Aᵀ: {gemm_ms:.3f} ms ({flops / gemm_ms / 1e9:.1f} TFLOP/s)")
-    print(f"   {'check_every':>11} {'iters':>6} {'solve ms':>10} {'bound ms':>10} {'solve/bound':>12}")
+    print(f"   {'check_every':>11} {'iters':>6} {'solve ms':>10} {'bound ms':>10} {'solve/bound':>12} "
+          f"{'waits/solve':>12} {'checks/solve':>13}")
     previous = os.environ.get("IDL_CUDA_CHECK_EVERY")
+    counts = getattr(ops, "cuda_sync_counts", None) if device.type == "cuda" else None
     try:
         for every in args.check_every:
             os.environ["IDL_CUDA_CHECK_EVERY"] = str(every)
+            before = counts() if counts else None
             solve_ms = median_ms(lambda: ops.fixed_point(A, C0, None, *solve_args), device,
                                  args.warmup, args.reps)
+            waits = checks = float("nan")
+            if counts:
+                after = counts()
+                solves = after[0] - before[0]
+                waits = (after[1] - before[1]) / solves
+                checks = (after[2] - before[2]) / solves
             iterations, residual, converged = ops.fixed_point(A, C0, None, *solve_args)[2].tolist()
             bound_ms = iterations * gemm_ms
             note = "" if converged else f"  (not converged, residual {residual:.2e})"
             print(f"   {every:>11} {int(iterations):>6} {solve_ms:>10.3f} {bound_ms:>10.3f} "
-                  f"{solve_ms / bound_ms:>12.3f}{note}")
+                  f"{solve_ms / bound_ms:>12.3f} {waits:>12.1f} {checks:>13.1f}{note}")
+            summary_row(args, f"fwd solve {args.bound_hidden}x{args.bound_batch} check_every={every}",
+                        f"{solve_ms / bound_ms:.2f}x GEMM bound",
+                        f"{solve_ms:.1f} ms, {int(iterations)} iters x {gemm_ms:.2f} ms; "
+                        f"host waits/solve {waits:.1f}, checks/solve {checks:.1f}")
     finally:
         if previous is None:
             os.environ.pop("IDL_CUDA_CHECK_EVERY", None)
@@ -181,6 +212,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--torchidl-path", help="directory to add to sys.path for torchidl")
+    parser.add_argument("--summary", help="append the headline numbers to this file (TSV)")
     args = parser.parse_args()
 
     device = torch.device(args.device)

@@ -34,10 +34,14 @@ inline int matmul_by_factor(void* ctx, int64_t rows, const void* left, void* out
     try {
         const auto& m = factor->matrix;
         const int64_t n = m.size(0);
-        auto opts = m.options();
-        auto left_t = at::from_blob(const_cast<void*>(left), {rows, n}, opts);
-        auto out_t = at::from_blob(out, {rows, n}, opts);
-        at::mm_out(out_t, left_t, m);
+        // The device given, so that wrapping the pointers does not ask the
+        // driver where they live (a pointer-attribute query) at every pass.
+        auto wrap = [&](void* data) {
+            return at::for_blob(data, {rows, n}).options(m.options()).target_device(m.device())
+                .make_tensor();
+        };
+        auto out_t = wrap(out);
+        at::mm_out(out_t, wrap(const_cast<void*>(left)), m);
         return 0;
     } catch (...) {
         factor->error = std::current_exception();

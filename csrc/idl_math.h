@@ -171,4 +171,57 @@ IDL_HD static inline double idl_soft_threshold(double w, double t)
     return shrunk > 0.0 ? copysign(shrunk, w) : 0.0;
 }
 
+/* ---- Anderson mixing ------------------------------------------------------- */
+
+/* Safeguard fallbacks after which a sample keeps to plain iteration (see
+ * csrc/cpu/anderson.inc), the same on both devices. */
+#define IDL_ANDERSON_MAX_RESTARTS 8
+
+/* Solves the k x k system (row-major, overwritten) for the right-hand side in
+ * `weights` by Gaussian elimination with partial pivoting, then scales the
+ * solution to sum to 1: the affine weights of Anderson mixing (see
+ * csrc/cpu/anderson.inc). Returns 0, leaving garbage, when the system or the
+ * sum is degenerate. k <= IDL_ANDERSON_MAX_MEMORY, so this is a handful of
+ * flops per iteration and sample, done by one thread on the device. */
+IDL_HD static inline int idl_affine_weights(int64_t k, double *system, double *weights)
+{
+    for (int64_t col = 0; col < k; ++col) {
+        int64_t pivot = col;
+        for (int64_t row = col + 1; row < k; ++row)
+            if (fabs(system[row * k + col]) > fabs(system[pivot * k + col]))
+                pivot = row;
+        if (!(fabs(system[pivot * k + col]) > 0.0))
+            return 0;
+        if (pivot != col) {
+            for (int64_t j = 0; j < k; ++j) {
+                const double t = system[col * k + j];
+                system[col * k + j] = system[pivot * k + j];
+                system[pivot * k + j] = t;
+            }
+            const double t = weights[col];
+            weights[col] = weights[pivot];
+            weights[pivot] = t;
+        }
+        for (int64_t row = col + 1; row < k; ++row) {
+            const double factor = system[row * k + col] / system[col * k + col];
+            for (int64_t j = col; j < k; ++j)
+                system[row * k + j] -= factor * system[col * k + j];
+            weights[row] -= factor * weights[col];
+        }
+    }
+    double sum = 0.0;
+    for (int64_t row = k - 1; row >= 0; --row) {
+        double acc = weights[row];
+        for (int64_t j = row + 1; j < k; ++j)
+            acc -= system[row * k + j] * weights[j];
+        weights[row] = acc / system[row * k + row];
+        sum += weights[row];
+    }
+    if (!(fabs(sum) > 1e-300) || !isfinite(sum))
+        return 0;
+    for (int64_t i = 0; i < k; ++i)
+        weights[i] /= sum;
+    return 1;
+}
+
 #endif /* IDL_MATH_H */

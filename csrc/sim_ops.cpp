@@ -1,13 +1,14 @@
 // sim_ops.cpp: the idl:: op behind SIM's batched solvers, the row-wise prox of
-// l1 plus an l1-ball constraint. Schema, tensor checks, and dispatch of row
-// blocks to the C kernel of csrc/cpu/prox.c (declared in idl.h).
+// l1 plus an l1-ball constraint. Schema, tensor checks (prox_checks.h, shared
+// with the CUDA glue in csrc/cuda/ops_cuda.cpp), and dispatch of row blocks to
+// the C kernel of csrc/cpu/prox.c (declared in idl.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cmath>
 
 #include "idl.h"
+#include "prox_checks.h"
 
 namespace {
 
@@ -29,21 +30,7 @@ constexpr int64_t kMinValuesPerTask = 1 << 14;
 
 at::Tensor prox_l1_ball_cpu(const at::Tensor& W, const at::Tensor& threshold, double radius,
                             int64_t ball_cols) {
-    TORCH_CHECK_VALUE(W.dim() == 2, "idl: W must be a 2-D tensor, got ", W.dim(), "-D");
-    TORCH_CHECK_TYPE(W.scalar_type() == at::kFloat || W.scalar_type() == at::kDouble,
-                     "idl: W must be float32 or float64, got ", W.scalar_type());
-    TORCH_CHECK_VALUE(threshold.dim() == 1 && threshold.size(0) == W.size(0),
-                      "idl: threshold must be a 1-D tensor with one entry per row of W (",
-                      W.size(0), "), got shape ", threshold.sizes());
-    TORCH_CHECK_TYPE(threshold.scalar_type() == W.scalar_type(), "idl: threshold has dtype ",
-                     threshold.scalar_type(), " but W has ", W.scalar_type());
-    TORCH_CHECK_VALUE(threshold.device() == W.device(), "idl: threshold is on ",
-                      threshold.device(), " but W is on ", W.device());
-    TORCH_CHECK_VALUE(radius >= 0.0, "idl: radius must be >= 0 (inf for no ball), got ",
-                      radius);
-    TORCH_CHECK_VALUE(ball_cols >= 0 && ball_cols <= W.size(1),
-                      "idl: ball_cols must be in [0, ", W.size(1), "] (the columns of W), got ",
-                      ball_cols);
+    idl_checks::check_prox_args(W, threshold, radius, ball_cols);
     auto w = W.stride(1) == 1 ? W : W.contiguous();
     auto out = at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous));
     const int64_t rows = w.size(0), cols = w.size(1);
@@ -53,10 +40,7 @@ at::Tensor prox_l1_ball_cpu(const at::Tensor& W, const at::Tensor& threshold, do
         const scalar_t* thresholds = threshold.const_data_ptr<scalar_t>();
         const int64_t threshold_stride = threshold.stride(0);
         for (int64_t i = 0; i < rows; ++i) {
-            const double t = static_cast<double>(thresholds[i * threshold_stride]);
-            TORCH_CHECK_VALUE(std::isfinite(t) && t >= 0.0,
-                              "idl: threshold must hold finite numbers >= 0, got ", t,
-                              " for row ", i);
+            idl_checks::check_prox_threshold(static_cast<double>(thresholds[i * threshold_stride]), i);
             if (threshold_stride == 0) break;
         }
         const scalar_t* src = w.const_data_ptr<scalar_t>();

@@ -6,9 +6,13 @@ IDL_CUDA=1 with a torch that has no CUDA. Marked slow: the CUDA glue passes a
 syntax check against the installed torch's headers.
 
 Where a CUDA device is present (marked ``cuda``, skipped elsewhere): every op
-on the GPU matches the CPU op in float64 (values and solve stats), gradcheck
-and opcheck on CUDA, autocast, streams, and an ImplicitModel training run on
-the GPU that follows the CPU run.
+on the GPU matches the CPU op in float64 (values and solve stats, Picard and
+Anderson, for any IDL_CUDA_CHECK_EVERY including 0), the host-wait counters,
+the TF32 policy, gradcheck and opcheck on CUDA, autocast, streams, and an
+ImplicitModel training run on the GPU that follows the CPU run. The
+assertions the CPU tests make are made on the GPU too by the tests that take
+tests/devices.py's DEVICES (test_fixed_point.py, test_projection.py,
+test_sim_prox.py).
 """
 import os
 import re
@@ -50,7 +54,7 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 
 
 def test_every_kernel_file_is_checked():
-    assert {p.name for p in CU_FILES} >= {"projection.cu", "fixed_point.cu"}
+    assert {p.name for p in CU_FILES} >= {"projection.cu", "fixed_point.cu", "prox.cu"}
 
 
 @needs_nvcc
@@ -218,6 +222,120 @@ def test_solves_match_cpu(activation, check_every, monkeypatch):
 
 @pytest.mark.cuda
 @gpu
+@pytest.mark.parametrize("activation", ["tanh", "relu", "identity"])
+@pytest.mark.parametrize("memory", [1, 3, 5, 16])
+@pytest.mark.parametrize("check_every", ["0", "1", "8"])
+def test_anderson_matches_cpu(activation, memory, check_every, monkeypatch):
+    """The same algorithm as csrc/cpu/anderson.inc, per sample: the same fixed
+    point, and the same iteration counts give or take rounding (cuBLAS and the
+    CPU GEMM round differently, and mixing weights amplify it a little)."""
+    monkeypatch.setenv("IDL_CUDA_CHECK_EVERY", check_every)
+    A, C0 = problem(m=40, n=33, kappa=0.97)
+    args = (activation, 0.05, 2000, 1e-11, 2000, 1e-11, "anderson", memory)
+    cpu = ops.fixed_point(A, C0, None, *args)
+    gpu = ops.fixed_point(*on_gpu(A, C0), None, *args)
+    assert gpu[2][2].item() == cpu[2][2].item() == 1.0
+    assert abs(gpu[2][0].item() - cpu[2][0].item()) <= 2
+    assert_close_to_cpu(gpu[0], cpu[0], rtol=1e-9, atol=1e-9)
+    X, Z, _ = cpu
+    G = torch.randn_like(Z)
+    cpu_v = ops.fixed_point_adjoint(A, Z, G, activation, 0.05, 2000, 1e-11, "anderson", memory)
+    gpu_v = ops.fixed_point_adjoint(*on_gpu(A, Z, G), activation, 0.05, 2000, 1e-11, "anderson",
+                                    memory)
+    assert gpu_v[1][2].item() == cpu_v[1][2].item() == 1.0
+    assert abs(gpu_v[1][0].item() - cpu_v[1][0].item()) <= 2
+    assert_close_to_cpu(gpu_v[0], cpu_v[0], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.cuda
+@gpu
+@pytest.mark.parametrize("method", ["picard", "anderson"])
+def test_unconverged_anderson_and_picard_give_g_of_the_last_iterate(method):
+    """Stopped by max_iter: X = φ(Z) exactly, and Z as on CPU."""
+    A, C0 = problem(m=30, n=16, kappa=0.95)
+    args = ("tanh", 0.0, 6, 1e-14, 6, 1e-14, method, 4)
+    cpu = ops.fixed_point(A, C0, None, *args)
+    X, Z, stats = ops.fixed_point(*on_gpu(A, C0), None, *args)
+    assert torch.equal(X, torch.tanh(Z)) or torch.allclose(X, torch.tanh(Z), rtol=1e-15, atol=0)
+    assert_close_to_cpu(Z, cpu[1], rtol=1e-12, atol=1e-12)
+    assert_same_stats(stats, cpu[2])
+
+
+@pytest.mark.cuda
+@gpu
+def test_host_waits_are_counted_and_fixed_iteration_mode_has_none(monkeypatch):
+    """idl::cuda_sync_counts: [solves, host waits, checks]. A solve checks at
+    most once per IDL_CUDA_CHECK_EVERY passes; with 0 it never waits."""
+    A, C0 = on_gpu(*problem(m=64, n=48))
+    args = ("tanh", 0.0, 200, 1e-12, 200, 1e-12)
+    monkeypatch.setenv("IDL_CUDA_CHECK_EVERY", "4")
+    before = ops.cuda_sync_counts()
+    iterations = ops.fixed_point(A, C0, None, *args)[2][0].item()
+    after = ops.cuda_sync_counts()
+    assert after[0] == before[0] + 1
+    assert after[1] - before[1] <= after[2] - before[2] + 1
+    assert after[2] - before[2] <= iterations // 4 + 2
+    monkeypatch.setenv("IDL_CUDA_CHECK_EVERY", "0")
+    before = ops.cuda_sync_counts()
+    X, _, stats = ops.fixed_point(A, C0, None, *args)
+    after = ops.cuda_sync_counts()
+    assert after[1:] == before[1:]
+    assert stats[0].item() == iterations and stats[2].item() == 1.0
+
+
+@pytest.mark.cuda
+@gpu
+def test_float32_solves_ignore_tf32_unless_asked(monkeypatch):
+    """torch's TF32 switch on, the solve's GEMMs still run in fp32 (the result
+    matches the fp32 solve with TF32 off bit for bit); IDL_ALLOW_TF32=1 lets
+    the switch apply; torch's setting is left as the user set it."""
+    A, C0 = on_gpu(*problem(m=256, n=512, dtype=torch.float32))
+    args = ("tanh", 0.0, 300, 1e-6, 300, 1e-6)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        fp32 = ops.fixed_point(A, C0, None, *args)[0]
+        torch.set_float32_matmul_precision("high")
+        monkeypatch.delenv("IDL_ALLOW_TF32", raising=False)
+        assert torch.equal(ops.fixed_point(A, C0, None, *args)[0], fp32)
+        assert torch.get_float32_matmul_precision() == "high"
+        monkeypatch.setenv("IDL_ALLOW_TF32", "1")
+        tf32 = ops.fixed_point(A, C0, None, *args)[0]
+        if torch.cuda.get_device_capability()[0] >= 8:  # TF32 exists from Ampere on
+            assert not torch.equal(tf32, fp32)
+        torch.testing.assert_close(tf32, fp32, rtol=0, atol=1e-2)
+        monkeypatch.delenv("IDL_ALLOW_TF32")
+        torch.set_float32_matmul_precision("highest")
+        matmul = torch.backends.cuda.matmul
+        if hasattr(matmul, "fp32_precision"):  # the per-backend switch alone
+            matmul.fp32_precision = "tf32"
+            assert torch.equal(ops.fixed_point(A, C0, None, *args)[0], fp32)
+            assert matmul.fp32_precision == "tf32"
+            matmul.fp32_precision = "ieee"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+@pytest.mark.cuda
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_prox_matches_cpu_on_large_rows(dtype):
+    """Rows longer than a block, thresholds per row and broadcast."""
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(37, 3000, generator=g, dtype=torch.float64).to(dtype)
+    W[3, 100] = float("inf")
+    t = torch.rand(37, generator=g, dtype=torch.float64).to(dtype) * 0.5
+    for threshold in (t, t[:1].expand(37)):
+        for radius, ball_cols in ((5.0, 1000), (0.0, 3000), (float("inf"), 10), (2.0, 0)):
+            want = ops.prox_l1_ball(W, threshold, radius, ball_cols)
+            got = ops.prox_l1_ball(W.to(DEVICE), threshold.to(DEVICE), radius, ball_cols)
+            tol = 1e-10 if dtype == torch.float64 else 1e-5
+            assert_close_to_cpu(got, want, rtol=tol, atol=tol)
+            assert got[3].isnan().all()
+
+
+@pytest.mark.cuda
+@gpu
 @pytest.mark.parametrize("max_iter", [1, 7, 20])
 def test_unconverged_solves_match_cpu(max_iter):
     """Stopped by max_iter: every sample's last iterate and the worst residual
@@ -260,16 +378,6 @@ def test_empty_and_tiny_solves(m, n):
 
 @pytest.mark.cuda
 @gpu
-def test_float32_solve_is_close_to_float64():
-    A, C0 = problem(m=64, n=128)
-    want = ops.fixed_point(A, C0, None, "tanh", 0.0, 1000, 1e-12, 10, 1e-5)[0]
-    X, Z, stats = ops.fixed_point(*on_gpu(A.float(), C0.float()), None, "tanh", 0.0, 1000, 1e-5, 10, 1e-5)
-    assert X.dtype == Z.dtype == torch.float32 and stats[2].item() == 1.0
-    torch.testing.assert_close(X.double().cpu(), want, rtol=0, atol=2e-4)
-
-
-@pytest.mark.cuda
-@gpu
 def test_solve_on_a_side_stream_matches_cpu():
     A, C0 = problem(m=50, n=40)
     args = ("softplus", 0.0, 1000, 1e-10, 1000, 1e-10)
@@ -297,19 +405,18 @@ def test_solve_on_the_second_device():
 
 @pytest.mark.cuda
 @gpu
-def test_cuda_errors_match_cpu_errors(monkeypatch):
+def test_cuda_only_errors(monkeypatch):
+    """Devices mixed, dtypes mixed, a bad kappa, a bad IDL_CUDA_CHECK_EVERY
+    (the CPU's errors are the device-parametrised tests of
+    test_fixed_point.py and test_sim_prox.py)."""
     A, C0 = problem(m=3, n=4)
     with pytest.raises(ValueError, match="C0 is on cpu but A is on cuda"):
         ops.fixed_point(A.to(DEVICE), C0, None, "tanh", 0.0, 10, 1e-6, 10, 1e-6)
     with pytest.raises(TypeError, match="C0 has dtype Float but A has Double"):
         ops.fixed_point(A.to(DEVICE), C0.float().to(DEVICE), None, "tanh", 0.0, 10, 1e-6, 10, 1e-6)
-    with pytest.raises(ValueError, match="unknown activation 'gelu'"):
-        ops.fixed_point(*on_gpu(A, C0), None, "gelu", 0.0, 10, 1e-6, 10, 1e-6)
     with pytest.raises(ValueError, match="kappa must be in"):
         ops.project_linf(A.to(DEVICE), 1.5, "exact")
-    with pytest.raises(NotImplementedError, match="anderson"):
-        ops.fixed_point(*on_gpu(A, C0), None, "tanh", 0.0, 10, 1e-6, 10, 1e-6, "anderson", 5)
-    monkeypatch.setenv("IDL_CUDA_CHECK_EVERY", "0")
+    monkeypatch.setenv("IDL_CUDA_CHECK_EVERY", "-1")
     with pytest.raises(ValueError, match="IDL_CUDA_CHECK_EVERY"):
         ops.fixed_point(*on_gpu(A, C0), None, "tanh", 0.0, 10, 1e-6, 10, 1e-6)
 
@@ -371,7 +478,7 @@ def test_autocast_solves_in_float32(low_precision):
 
 
 def digits_problem(dtype):
-    from sklearn.datasets import load_digits
+    load_digits = pytest.importorskip("sklearn.datasets").load_digits
 
     images, labels = load_digits(return_X_y=True)
     U = torch.tensor(images[:256] / 16.0, dtype=dtype)

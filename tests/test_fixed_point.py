@@ -21,8 +21,13 @@ def problem(m=6, n=5, kappa=0.9, dtype=torch.float64, seed=0):
     return A, C0
 
 
-def solve(A, C0, activation="relu", X0=None, slope=0.01, max_iter=10_000, tol=1e-13, method="picard", memory=5):
-    return torch.ops.idl.fixed_point(A, C0, X0, activation, slope, max_iter, tol, 100, 1e-10, method, memory)
+def solve(A, C0, activation="relu", X0=None, slope=0.01, max_iter=10_000, tol=1e-13, method="picard", memory=5,
+          device="cpu"):
+    """The solve on `device`, its (X, Z, stats) back on the CPU."""
+    on = [t.to(device) if t is not None else None for t in (A, C0, X0)]
+    out = torch.ops.idl.fixed_point(*on, activation, slope, max_iter, tol, 100, 1e-10, method, memory)
+    assert all(t.device.type == device for t in out)
+    return tuple(t.cpu() for t in out)
 
 
 def hard_problem(m=16, n=40, kappa=0.99, dtype=torch.float64):
@@ -35,75 +40,84 @@ def hard_problem(m=16, n=40, kappa=0.99, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_forward_matches_picard_reference(activation):
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_matches_picard_reference(activation, device):
     A, C0 = problem()
-    X, Z, stats = solve(A, C0, activation, slope=0.1)
+    X, Z, stats = solve(A, C0, activation, slope=0.1, device=device)
     torch.testing.assert_close(X, picard(A, C0, activation, slope=0.1), atol=1e-11, rtol=0)
     torch.testing.assert_close(Z, X @ A.T + C0, atol=1e-11, rtol=0)
     iterations, residual, converged = stats.tolist()
     assert converged == 1.0 and residual <= 1e-13 and 1 <= iterations < 10_000
 
 
-def test_float32_close_to_float64():
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_close_to_float64(device):
     A, C0 = problem(m=40, n=30)
-    X64, _, _ = solve(A, C0, tol=1e-12)
-    X32, _, stats = solve(A.float(), C0.float(), tol=1e-6)
+    X64, _, _ = solve(A, C0, tol=1e-12, device=device)
+    X32, _, stats = solve(A.float(), C0.float(), tol=1e-6, device=device)
     assert stats[2] == 1.0
     torch.testing.assert_close(X32.double(), X64, atol=1e-5, rtol=0)
 
 
-def test_each_sample_stops_at_its_own_tolerance():
+@pytest.mark.parametrize("device", DEVICES)
+def test_each_sample_stops_at_its_own_tolerance(device):
     A, C0 = problem(m=8)
     C0[:4] = 0  # these samples sit at X = 0 from the first iteration
-    X, _, stats = solve(A, C0, tol=1e-10)
+    X, _, stats = solve(A, C0, tol=1e-10, device=device)
     assert (X[:4] == 0).all()
     torch.testing.assert_close(X, picard(A, C0, "relu"), atol=1e-9, rtol=0)
 
 
-def test_warm_start_at_the_fixed_point_takes_one_iteration():
+@pytest.mark.parametrize("device", DEVICES)
+def test_warm_start_at_the_fixed_point_takes_one_iteration(device):
     A, C0 = problem()
-    X, _, _ = solve(A, C0)
-    X2, _, stats = solve(A, C0, X0=X, tol=1e-12)
+    X, _, _ = solve(A, C0, device=device)
+    X2, _, stats = solve(A, C0, X0=X, tol=1e-12, device=device)
     assert stats[0] == 1 and stats[2] == 1
     torch.testing.assert_close(X2, X, atol=1e-12, rtol=0)
 
 
-def test_iteration_limit_reports_not_converged():
+@pytest.mark.parametrize("device", DEVICES)
+def test_iteration_limit_reports_not_converged(device):
     A, C0 = problem(kappa=0.99)
-    _, _, stats = solve(A, C0, "identity", max_iter=3, tol=0.0)
+    _, _, stats = solve(A, C0, "identity", max_iter=3, tol=0.0, device=device)
     iterations, residual, converged = stats.tolist()
     assert (iterations, converged) == (3, 0.0) and residual > 0
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_stops_immediately(bad):
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_finite_stops_immediately(bad, device):
     A, C0 = problem()
     C0[2, 1] = bad
-    X, _, stats = solve(A, C0, "identity", max_iter=500)
+    X, _, stats = solve(A, C0, "identity", max_iter=500, device=device)
     iterations, residual, converged = stats.tolist()
     assert iterations == 0 and converged == 0.0  # found in the inputs, before iterating
     assert residual != residual and X.isnan().all()
 
 
-def test_empty_batch():
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
     A, _ = problem()
-    X, Z, stats = solve(A, torch.empty(0, 5, dtype=torch.float64))
+    X, Z, stats = solve(A, torch.empty(0, 5, dtype=torch.float64), device=device)
     assert X.shape == (0, 5) and stats[2] == 1.0
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_anderson_reaches_the_same_fixed_point(activation):
+@pytest.mark.parametrize("device", DEVICES)
+def test_anderson_reaches_the_same_fixed_point(activation, device):
     A, C0 = problem()
-    X, Z, stats = solve(A, C0, activation, slope=0.1, method="anderson")
+    X, Z, stats = solve(A, C0, activation, slope=0.1, method="anderson", device=device)
     torch.testing.assert_close(X, picard(A, C0, activation, slope=0.1), atol=1e-11, rtol=0)
     assert stats[2] == 1.0 and stats[1] <= 1e-13
     torch.testing.assert_close(Z, X @ A.T + C0, atol=1e-11, rtol=0)
 
 
-def test_anderson_with_memory_one_is_picard():
+@pytest.mark.parametrize("device", DEVICES)
+def test_anderson_with_memory_one_is_picard(device):
     A, C0 = hard_problem()
-    X1, _, s1 = solve(A, C0, "tanh", tol=1e-10)
-    X2, _, s2 = solve(A, C0, "tanh", tol=1e-10, method="anderson", memory=1)
+    X1, _, s1 = solve(A, C0, "tanh", tol=1e-10, device=device)
+    X2, _, s2 = solve(A, C0, "tanh", tol=1e-10, method="anderson", memory=1, device=device)
     torch.testing.assert_close(X1, X2, atol=0, rtol=0)
     assert s1.tolist() == s2.tolist()
 
@@ -111,10 +125,11 @@ def test_anderson_with_memory_one_is_picard():
 # float32 carries ~7 digits and these states reach ~100: 1e-4 is its 1e-6
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-6), (torch.float64, 1e-10), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("activation", ["identity", "tanh", "relu"])
-def test_anderson_needs_at_most_half_of_picards_iterations(activation, dtype, tol):
+@pytest.mark.parametrize("device", DEVICES)
+def test_anderson_needs_at_most_half_of_picards_iterations(activation, dtype, tol, device):
     A, C0 = hard_problem(dtype=dtype)
-    X_picard, _, picard_stats = solve(A, C0, activation, tol=tol)
-    X_anderson, _, anderson_stats = solve(A, C0, activation, tol=tol, method="anderson")
+    X_picard, _, picard_stats = solve(A, C0, activation, tol=tol, device=device)
+    X_anderson, _, anderson_stats = solve(A, C0, activation, tol=tol, method="anderson", device=device)
     assert picard_stats[2] == 1.0 and anderson_stats[2] == 1.0
     assert anderson_stats[0] <= picard_stats[0] / 2
     # both residuals are <= tol; the fixed points then agree to tol / (1 - kappa)
@@ -122,11 +137,13 @@ def test_anderson_needs_at_most_half_of_picards_iterations(activation, dtype, to
 
 
 @pytest.mark.parametrize("method", ["picard", "anderson"])
-def test_adjoint_methods_agree(method):
+@pytest.mark.parametrize("device", DEVICES)
+def test_adjoint_methods_agree(method, device):
     A, C0 = hard_problem()
-    X, Z, _ = solve(A, C0, "tanh")
+    X, Z, _ = solve(A, C0, "tanh", device=device)
     G = torch.randn_like(X)
-    V, stats = torch.ops.idl.fixed_point_adjoint(A, Z, G, "tanh", 0.0, 10_000, 1e-12, method, 5)
+    V, stats = (t.cpu() for t in torch.ops.idl.fixed_point_adjoint(
+        A.to(device), Z.to(device), G.to(device), "tanh", 0.0, 10_000, 1e-12, method, 5))
     V_ref, _ = implicit_vjp(A, X, X @ A.T * 0 + (Z - X @ A.T), G, "tanh")
     torch.testing.assert_close(V, V_ref, atol=1e-9, rtol=0)
     assert stats[2] == 1.0
@@ -219,36 +236,40 @@ def test_python_path_matches_compiled_path(method):
         ((torch.randn(4, 4), torch.randn(4)), ValueError, "2-D"),
     ],
 )
-def test_bad_input(args, error, words):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input(args, error, words, device):
     with pytest.raises(error, match=words):
-        torch.ops.idl.fixed_point(*args, None, "relu", 0.0, 10, 1e-6, 10, 1e-6)
+        torch.ops.idl.fixed_point(*(t.to(device) for t in args), None, "relu", 0.0, 10, 1e-6, 10, 1e-6)
 
 
-def test_bad_settings():
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_settings(device):
     A, C0 = problem()
     with pytest.raises(ValueError, match="unknown activation"):
-        solve(A, C0, "gelu")
+        solve(A, C0, "gelu", device=device)
     with pytest.raises(ValueError, match="max_iter"):
-        solve(A, C0, max_iter=0)
+        solve(A, C0, max_iter=0, device=device)
     with pytest.raises(ValueError, match="tol"):
-        solve(A, C0, tol=-1.0)
+        solve(A, C0, tol=-1.0, device=device)
     with pytest.raises(ValueError, match="X0 must have shape"):
-        solve(A, C0, X0=torch.zeros(2, 5, dtype=torch.float64))
+        solve(A, C0, X0=torch.zeros(2, 5, dtype=torch.float64), device=device)
     with pytest.raises(ValueError, match="method"):
-        solve(A, C0, method="newton")
+        solve(A, C0, method="newton", device=device)
     with pytest.raises(ValueError, match="memory"):
-        solve(A, C0, method="anderson", memory=0)
+        solve(A, C0, method="anderson", memory=0, device=device)
     with pytest.raises(ValueError, match="memory"):
-        solve(A, C0, method="anderson", memory=17)
+        solve(A, C0, method="anderson", memory=17, device=device)
 
 
 @pytest.mark.parametrize("method", ["picard", "anderson"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_unconverged_solve_still_has_x_equal_phi_of_z(activation, method):
+@pytest.mark.parametrize("device", DEVICES)
+def test_unconverged_solve_still_has_x_equal_phi_of_z(activation, method, device):
     """Stopped by max_iter, X = φ(Z) still holds (idl.h): Anderson's next
     iterate is a mix whose Z was never formed, so it is not the answer."""
     A, C0 = problem(m=8, n=10, kappa=0.95)
-    X, Z, stats = torch.ops.idl.fixed_point(A, C0, None, activation, 0.1, 5, 1e-12, 5, 1e-12, method, 5)
+    X, Z, stats = solve(A, C0, activation, slope=0.1, max_iter=5, tol=1e-12, method=method,
+                        device=device)
     assert stats.tolist()[::2] == [5.0, 0.0]
     torch.testing.assert_close(X, phi(activation, Z, 0.1), rtol=1e-15, atol=1e-15)
 

@@ -8,11 +8,9 @@ import pytest
 import torch
 
 import idl
-from idl.sim import _prox_ops
 from idl.sim._prox_ops import prox_l1_ball
 
-cp = pytest.importorskip("cvxpy")
-
+from devices import DEVICES
 
 def l1_ball_reference(v, radius):
     """Euclidean projection of a vector onto {||x||_1 <= radius}: sort-based
@@ -48,14 +46,17 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("rows,cols,ball_cols,radius", CASES)
-def test_matches_reference(rows, cols, ball_cols, radius, dtype):
+def test_matches_reference(rows, cols, ball_cols, radius, dtype, device):
     generator = torch.Generator().manual_seed(rows * 100 + cols)
     W = torch.randn(rows, cols, generator=generator, dtype=torch.float64)
     thresholds = torch.rand(rows, generator=generator, dtype=torch.float64) * 0.3
     expected = prox_reference(W.numpy(), thresholds.numpy(), radius, ball_cols)
-    got = prox_l1_ball(W.to(dtype), thresholds.to(dtype), radius, ball_cols)
+    got = prox_l1_ball(W.to(device, dtype), thresholds.to(device, dtype), radius, ball_cols)
+    assert got.device.type == device
+    got = got.cpu()
     tolerance = 1e-12 if dtype == torch.float64 else 2e-6
     np.testing.assert_allclose(got.double().numpy(), expected, atol=tolerance, rtol=0)
     if ball_cols and math.isfinite(radius) and rows:
@@ -63,16 +64,18 @@ def test_matches_reference(rows, cols, ball_cols, radius, dtype):
         assert row_sums.max().item() <= radius * (1 + 4 * torch.finfo(dtype).eps) + 1e-300
 
 
-def test_scalar_threshold_applies_to_every_row():
+@pytest.mark.parametrize("device", DEVICES)
+def test_scalar_threshold_applies_to_every_row(device):
     W = torch.randn(5, 7, dtype=torch.float64)
-    got = prox_l1_ball(W, 0.25, 0.8, 4)
+    got = prox_l1_ball(W.to(device), 0.25, 0.8, 4).cpu()
     expected = prox_reference(W.numpy(), np.full(5, 0.25), 0.8, 4)
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-12)
 
 
-def test_strided_input():
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_input(device):
     W = torch.randn(6, 16, dtype=torch.float64)[:, ::2]
-    got = prox_l1_ball(W, 0.1, 0.5, 3)
+    got = prox_l1_ball(W.to(device), 0.1, 0.5, 3).cpu()
     np.testing.assert_allclose(got.numpy(), prox_reference(W.numpy(), np.full(6, 0.1), 0.5, 3), atol=1e-12)
 
 
@@ -80,6 +83,7 @@ def test_strided_input():
 def test_is_the_prox_of_the_sum(seed):
     """Soft-threshold then project is exactly argmin ½‖x − v‖² + t‖x‖₁ with
     ‖x_A‖₁ <= r, solved here by cvxpy."""
+    cp = pytest.importorskip("cvxpy")
     rng = np.random.default_rng(seed)
     cols, ball_cols, t, r = 10, 6, 0.15, 0.6
     v = rng.standard_normal(cols)
@@ -91,19 +95,10 @@ def test_is_the_prox_of_the_sum(seed):
     np.testing.assert_allclose(got, x.value, atol=1e-7)
 
 
-def test_torch_fallback_matches_compiled_kernel():
-    """The path for devices without a compiled kernel, run here on CPU."""
-    W = torch.randn(9, 11, dtype=torch.float64)
-    thresholds = torch.rand(9, dtype=torch.float64) * 0.2
-    for ball_cols, radius in ((5, 0.4), (0, 1.0), (11, 0.0), (4, math.inf)):
-        compiled = torch.ops.idl.prox_l1_ball(W, thresholds, radius, ball_cols)
-        fallback = _prox_ops._prox_torch(W, thresholds, radius, ball_cols)
-        torch.testing.assert_close(fallback, compiled, rtol=0, atol=1e-12)
-
-
-def test_opcheck():
-    W = torch.randn(6, 9, dtype=torch.float64)
-    thresholds = torch.full((6,), 0.1, dtype=torch.float64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    W = torch.randn(6, 9, dtype=torch.float64, device=device)
+    thresholds = torch.full((6,), 0.1, dtype=torch.float64, device=device)
     torch.library.opcheck(torch.ops.idl.prox_l1_ball, (W, thresholds, 0.5, 4))
     torch.library.opcheck(torch.ops.idl.prox_l1_ball, (W.float(), thresholds.float(), math.inf, 0))
 
@@ -116,12 +111,15 @@ def test_opcheck():
         ((torch.randn(3, 4), torch.zeros(2), 1.0, 0), ValueError, "one entry per row"),
         ((torch.randn(3, 4), torch.zeros(3, dtype=torch.float64), 1.0, 0), TypeError, "dtype"),
         ((torch.randn(3, 4), torch.full((3,), -1.0), 1.0, 0), ValueError, "finite numbers >= 0"),
+        ((torch.randn(3, 4), torch.tensor([0.0, 0.1, math.nan]), 1.0, 0), ValueError, "got nan for row 2"),
         ((torch.randn(3, 4), torch.zeros(3), -1.0, 2), ValueError, "radius"),
         ((torch.randn(3, 4), torch.zeros(3), 1.0, 5), ValueError, "ball_cols"),
         ((torch.randn(3, 4), torch.zeros(3), 1.0, -1), ValueError, "ball_cols"),
     ],
 )
-def test_bad_input(args, error, match):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input(args, error, match, device):
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
     with pytest.raises(error, match=match):
         torch.ops.idl.prox_l1_ball(*args)
 
@@ -139,17 +137,11 @@ def test_projection_still_exact_after_sharing_the_row_code(dtype):
     assert torch.equal(got[0], A[0].to(dtype))
 
 
-PROX_PATHS = {
-    "compiled": lambda W, t, radius, ball_cols: torch.ops.idl.prox_l1_ball(W, t, radius, ball_cols),
-    "torch_fallback": _prox_ops._prox_torch,
-}
-
-
-@pytest.mark.parametrize("path", sorted(PROX_PATHS))
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("ball_cols, radius", [(4, 0.5), (4, math.inf), (0, 0.5), (8, 0.0)])
-def test_rows_holding_nan_or_inf_come_out_all_nan(path, dtype, ball_cols, radius):
-    """NaN in, NaN out, on both paths: a row with a NaN or Inf entry anywhere
+def test_rows_holding_nan_or_inf_come_out_all_nan(device, dtype, ball_cols, radius):
+    """NaN in, NaN out, on every device: a row with a NaN or Inf entry anywhere
     (ball part or not) is all NaN, so that the solver sees it; the other rows
     are as usual."""
     generator = torch.Generator().manual_seed(5)
@@ -160,7 +152,8 @@ def test_rows_holding_nan_or_inf_come_out_all_nan(path, dtype, ball_cols, radius
     W[3, 7] = math.nan
     W[4] = math.inf
     thresholds = torch.full((7,), 0.1, dtype=torch.float64)
-    got = PROX_PATHS[path](W.to(dtype), thresholds.to(dtype), radius, ball_cols)
+    got = torch.ops.idl.prox_l1_ball(W.to(device, dtype), thresholds.to(device, dtype), radius,
+                                     ball_cols).cpu()
     assert torch.isnan(got[:5]).all(), got[:5]
     expected = prox_reference(W[5:].numpy(), thresholds[5:].numpy(), radius, ball_cols)
     tolerance = 1e-12 if dtype == torch.float64 else 2e-6
