@@ -379,6 +379,170 @@ attention_solve.register_autograd(_solve_backward, setup_context=_solve_setup)
 attention_adjoint.register_autograd(not_differentiable("idl::attention_adjoint"))
 
 
+# ---- feedback="values": only v is implicit -----------------------------------------
+#
+# With k, q reading only k, q, they solve a linear system of their own: [k, q]
+# = [k, q] Mᵀ + C0_kq, so [k, q] = C0_kq (I - M)⁻ᵀ exactly (M = A's k, q block,
+# ||M||_inf <= kappa < 1), and the attention weights Wt follow from k, q
+# explicitly (one softmax, differentiated by autograd). What remains implicit
+# is v alone:
+#
+#     v = h(v) = C' + v A_vvᵀ + (Wt f(v)) A_voᵀ,     out = Wt f(v)
+#
+# (C' = C0_v + [k, q] A_v,kqᵀ; f the identity for softmax, the squash for the
+# Lipschitz variant). Its Picard map contracts at rate kappa (Wt's rows sum to
+# at most 1, f is 1-Lipschitz), and one iteration costs two small products
+# and Wt f(v), not a whole attention. The fixed point is the same as the full
+# state's; the adjoint is its own small solve, written out below.
+
+
+@torch.library.custom_op("idl::attention_value_solve", mutates_args=())
+def attention_value_solve(Avv: torch.Tensor, Avo: torch.Tensor, Cp: torch.Tensor, Wt: torch.Tensor,
+                          squashed: bool, max_iter: int, tol: float, grad_max_iter: int, grad_tol: float,
+                          method: str, memory: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """v (batch, heads, T, hs) solving v = Cp + v Avvᵀ + (Wt f(v)) Avoᵀ, and
+    the stats (the backward fills row 1)."""
+    _check_op_args({"Avv": Avv, "Avo": Avo, "Cp": Cp, "Wt": Wt}, "softmax", max_iter, tol, method, memory)
+    F.SolverOptions(grad_max_iter=grad_max_iter, grad_tol=grad_tol)
+    shape = Cp.shape
+    sequences, size = math.prod(shape[:-2]), math.prod(shape[-2:])
+    with _no_autocast(Cp.device):
+        f = squash if squashed else (lambda v: v)
+        Avv_t, Avo_t = Avv.transpose(-2, -1), Avo.transpose(-2, -1)
+
+        def h(v):
+            v = v.view(shape)
+            return (Cp + v @ Avv_t + (Wt @ f(v)) @ Avo_t).reshape(sequences, size)
+
+        stats = new_stats(torch.empty(0))
+        v, stats[0] = solve_sequences(h, Cp.new_zeros(sequences, size), max_iter, tol, method, memory,
+                                      inputs=(Avv, Avo, Cp, Wt))
+    return v.view(shape), stats
+
+
+@attention_value_solve.register_fake
+def _(Avv, Avo, Cp, Wt, squashed, max_iter, tol, grad_max_iter, grad_tol, method, memory):
+    _check_op_args({"Avv": Avv, "Avo": Avo, "Cp": Cp, "Wt": Wt}, "softmax", max_iter, tol, method, memory)
+    return Cp.new_empty(Cp.shape), torch.empty(2, 3, dtype=torch.float64)
+
+
+@torch.library.custom_op("idl::attention_value_adjoint", mutates_args=())
+def attention_value_adjoint(Avv: torch.Tensor, Avo: torch.Tensor, Wt: torch.Tensor, v: torch.Tensor,
+                            G: torch.Tensor, squashed: bool, max_iter: int, tol: float, method: str,
+                            memory: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                  torch.Tensor]:
+    """For G = dL/dv: u = G + J_hᵀ u with J_hᵀ u = u Avv + f'(v) ⊙ (Wtᵀ (u Avo));
+    then dL/dCp = u, dL/dAvv = Σ uᵀ v, dL/dAvo = Σ uᵀ (Wt f(v)), dL/dWt =
+    (u Avo) f(v)ᵀ. Returns (dAvv, dAvo, dCp, dWt, stats); zeros where the
+    adjoint diverged (see attention_adjoint)."""
+    _check_op_args({"Avv": Avv, "Avo": Avo, "Wt": Wt, "v": v, "G": G}, "softmax", max_iter, tol, method, memory)
+    shape = v.shape
+    sequences, size = math.prod(shape[:-2]), math.prod(shape[-2:])
+    with _no_autocast(v.device):
+        fv = squash(v) if squashed else v
+        slope = (1 + v.square()).pow(-1.5) if squashed else None
+        WtT = Wt.transpose(-2, -1)
+        G_rows = G.reshape(sequences, size)
+        first = G_rows.abs().amax().item() if G_rows.numel() else 0.0
+
+        def step(u):
+            u = u.view(shape)
+            back = WtT @ (u @ Avo)
+            if slope is not None:
+                back = back * slope
+            return G_rows + (u @ Avv + back).reshape(sequences, size)
+
+        u, stats = solve_sequences(step, torch.zeros_like(G_rows), max_iter, tol, method, memory)
+        residual = stats[1].item()
+        if not math.isfinite(residual) or (not stats[2].item() and residual > first):
+            return (Avv.new_zeros(Avv.shape), Avo.new_zeros(Avo.shape), v.new_zeros(shape), Wt.new_zeros(Wt.shape),
+                    stats)
+        u = u.view(shape)
+        out = Wt @ fv
+        heads_sum = (lambda t: t.sum(0)) if Avv.dim() == 3 else (lambda t: t.sum((0, 1)))
+        grad_Avv = heads_sum(u.transpose(-2, -1) @ v)
+        grad_Avo = heads_sum(u.transpose(-2, -1) @ out)
+        grad_Wt = (u @ Avo) @ fv.transpose(-2, -1)
+    return grad_Avv.contiguous(), grad_Avo.contiguous(), u.contiguous(), grad_Wt.contiguous(), stats
+
+
+@attention_value_adjoint.register_fake
+def _(Avv, Avo, Wt, v, G, squashed, max_iter, tol, method, memory):
+    return (Avv.new_empty(Avv.shape), Avo.new_empty(Avo.shape), v.new_empty(v.shape), Wt.new_empty(Wt.shape),
+            torch.empty(3, dtype=torch.float64))
+
+
+def _value_setup(ctx, inputs, output):
+    Avv, Avo, Cp, Wt, squashed, _max_iter, _tol, grad_max_iter, grad_tol, method, memory = inputs
+    v, stats = output
+    ctx.save_for_backward(Avv, Avo, Wt, v)
+    ctx.settings = (squashed, grad_max_iter, grad_tol, method, memory)
+    ctx.stats = stats
+    ctx.mark_non_differentiable(stats)
+
+
+def _warn_if_dropped(stats, grads):
+    residual = stats[1].item()
+    if (not math.isfinite(residual) or not stats[2].item()) and not any(torch.any(g).item() for g in grads):
+        warnings.warn(
+            f"idl: the attention adjoint solve diverged (residual {residual:.3e}): this layer's "
+            "gradient is set to zero for this step rather than handed to the optimizer",
+            ImplicitFunctionWarning, stacklevel=3)
+
+
+def _value_backward(ctx, grad_v, _grad_stats):
+    Avv, Avo, Wt, v = ctx.saved_tensors
+    grad_Avv, grad_Avo, grad_Cp, grad_Wt, stats = attention_value_adjoint(Avv, Avo, Wt, v, grad_v, *ctx.settings)
+    if not is_traced(ctx.stats):
+        ctx.stats[1] = stats
+        _warn_if_dropped(stats, (grad_Avv, grad_Avo, grad_Cp, grad_Wt))
+    return grad_Avv, grad_Avo, grad_Cp, grad_Wt, None, None, None, None, None, None, None
+
+
+attention_value_solve.register_autograd(_value_backward, setup_context=_value_setup)
+attention_value_adjoint.register_autograd(not_differentiable("idl::attention_value_adjoint"))
+
+
+def attention_weights(q, k, attention, mask):
+    """The weights Wt (…, Tq, Tk) with out = Wt f(v) (differentiable): softmax
+    rows (0 for a query with no allowed key), or the Lipschitz variant's
+    w / (0.25 + Σ w)."""
+    if attention == "softmax":
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        if mask is None:
+            return torch.softmax(scores, dim=-1)
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        return torch.softmax(scores, dim=-1).masked_fill(_no_key_rows(mask), 0.0)
+    squared_distance = (
+        q.square().sum(-1, keepdim=True) + k.square().sum(-1).unsqueeze(-2) - 2 * (q @ k.transpose(-2, -1))
+    )
+    weights = torch.exp(-squared_distance)
+    if mask is not None:
+        weights = weights.masked_fill(~mask, 0.0)
+    return weights / (LIPSCHITZ_OFFSET + weights.sum(-1, keepdim=True))
+
+
+def values_feedback_state(A, C0, attention, mask, causal, o):
+    """The equilibrium [k, q, v, out] for feedback="values" (A (heads, 3·hs,
+    4·hs) with its k, q rows zero in the v, out columns; C0 (batch, heads, T,
+    3·hs)): k, q exactly, the weights explicitly, v by the implicit solve
+    above. Returns (X, stats, v), v being the solve's own output (what a
+    backward report hooks on)."""
+    hs = A.shape[-1] // 4
+    M = A[..., : 2 * hs, : 2 * hs]
+    eye = torch.eye(2 * hs, dtype=A.dtype, device=A.device)
+    kq = C0[..., : 2 * hs] @ torch.linalg.inv(eye - M).transpose(-2, -1).unsqueeze(0)
+    k, q = kq[..., :hs], kq[..., hs:]
+    Wt = attention_weights(q, k, attention, build_mask(C0.shape[-2], causal, mask, C0.device))
+    Cp = C0[..., 2 * hs :] + kq @ A[..., 2 * hs :, : 2 * hs].transpose(-2, -1).unsqueeze(0)
+    Avv, Avo = A[..., 2 * hs :, 2 * hs : 3 * hs], A[..., 2 * hs :, 3 * hs :]
+    squashed = attention == "lipschitz"
+    v, stats = attention_value_solve(Avv, Avo, Cp, Wt, squashed, o.max_iter, float(o.tol), o.grad_max_iter,
+                                     float(o.grad_tol), o.method, o.memory)
+    out = Wt @ (squash(v) if squashed else v)
+    return torch.cat((k, q, v, out), dim=-1), stats, v
+
+
 # ---- modules -------------------------------------------------------------------
 
 
@@ -585,13 +749,18 @@ class _ImplicitAttention(nn.Module):
         A = self.effective_A()
         if not self._stacked:
             A = A.unsqueeze(0)
-        settings = (self.attention, o.max_iter, float(o.tol), o.grad_max_iter, float(o.grad_tol), o.method, o.memory)
-        X, stats = attention_solve(A, C0, *settings, allowed, causal, self.feedback == "full")
+        if self.feedback == "values":
+            X, stats, solved = values_feedback_state(A, C0, self.attention, allowed, causal, o)
+        else:
+            settings = (self.attention, o.max_iter, float(o.tol), o.grad_max_iter, float(o.grad_tol), o.method,
+                        o.memory)
+            X, stats = attention_solve(A, C0, *settings, allowed, causal, True)
+            solved = X
         if torch.compiler.is_compiling():  # a compiled graph cannot read stats
             self.last_stats = None
         else:
             self.last_stats = SolveStats([stats])
-            watch(stats, o.on_nonconvergence, X)
+            watch(stats, o.on_nonconvergence, solved)
         X = X[..., -Tq:, :]
         return X if self._stacked else X.squeeze(1)
 

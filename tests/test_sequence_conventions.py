@@ -170,18 +170,22 @@ def test_attention_options_and_errors_name_the_class():
         ImplicitMultiHeadAttention(8, 2, heads=3)
 
 
-def test_heads_are_one_batched_solve(monkeypatch):
-    attention = mha(num_heads=4, n_embd=8)
+@pytest.mark.parametrize("feedback, op, shapes", [
+    ("full", "attention_solve", [(4, 6, 8), (2, 4, 5, 6)]),  # A, C0
+    ("values", "attention_value_solve", [(4, 2, 2), (4, 2, 2), (2, 4, 5, 2), (2, 4, 5, 5)]),  # Avv, Avo, C', Wt
+])
+def test_heads_are_one_batched_solve(monkeypatch, feedback, op, shapes):
+    attention = mha(num_heads=4, n_embd=8, feedback=feedback)
     calls = []
-    solve = idl.attention.attention_solve
+    solve = getattr(idl.attention, op)
 
-    def counting(A, C0, *args):
-        calls.append((A.shape, C0.shape))
-        return solve(A, C0, *args)
+    def counting(*args):
+        calls.append([tuple(t.shape) for t in args if isinstance(t, torch.Tensor)])
+        return solve(*args)
 
-    monkeypatch.setattr(idl.attention, "attention_solve", counting)
+    monkeypatch.setattr(idl.attention, op, counting)
     attention(torch.randn(2, 5, 8, dtype=torch.float64))
-    assert calls == [((4, 6, 8), (2, 4, 5, 6))]
+    assert calls == [shapes]
 
 
 # ---- stability ---------------------------------------------------------------------
