@@ -14,11 +14,12 @@ modules: quality and milliseconds per training step, in one run.
 
 Times are per optimizer step (forward, backward, step), one thread unless
 --threads. Iterations are the solves' (forward/backward) at the last step
-and the most seen. Run: python benchmarks/bench_sequence.py [--quick]
+and the most seen. Run from the repository root: PYTHONPATH=. python benchmarks/bench_sequence.py [--quick]
 """
 import argparse
 import math
 import os
+import sys
 import sysconfig
 import time
 import warnings
@@ -26,7 +27,10 @@ import warnings
 import torch
 from torch import nn
 
-import idl
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if any(name.startswith("_C") for name in os.listdir(os.path.join(_ROOT, "idl"))):
+    sys.path.insert(0, _ROOT)  # this checkout's idl when it is built in place, not an installed one
+import idl  # noqa: E402
 
 
 # ---- 1. time series ---------------------------------------------------------------
@@ -100,14 +104,14 @@ def run_series(name, steps, seeds, hidden, implicit_hidden, lr=1e-2, batch=32):
                 loss.backward()
                 optimizer.step()
                 times.append(time.perf_counter() - start)
+            stats = getattr(model, "last_stats", None)  # the last training step's solves
+            iters = "" if stats is None else f"{stats.forward['iterations']}/{stats.backward['iterations']}"
             with torch.no_grad():
                 mse = nn.functional.mse_loss(model(test[0]), test[1]).item()
             row = rows.setdefault(label, {"mse": [], "ms": [], "params": count(model), "iters": ""})
             row["mse"].append(mse)
             row["ms"].append(1e3 * sorted(times)[len(times) // 2])
-            stats = getattr(model, "last_stats", None)
-            if stats is not None:
-                row["iters"] = f"{stats.forward['iterations']}/{stats.backward['iterations'] if stats.backward else '-'}"
+            row["iters"] = iters
     return rows
 
 
