@@ -268,10 +268,35 @@ def _check_op_args(tensors: dict, attention: str, max_iter: int, tol: float, met
 
 
 def _map(A, C0, attention, mask, causal, bounded):
-    """F(X) = Φ(X Aᵀ + C0) on states (batch[, heads], T, 4·hs)."""
-    phi = _phi(attention, C0.shape[-2], C0.device, mask, causal, bounded)
+    """F(X) = Φ(X Aᵀ + C0) on states (batch[, heads], T, 4·hs). For softmax
+    the mask is an additive bias built once (-1e9 where not allowed: finite,
+    so a query with no allowed key stays finite until it is zeroed), the
+    scale is applied to q: per iteration, the same function as
+    softmax_attention with fewer passes over the scores."""
     At = A.transpose(-2, -1)
-    return lambda X: phi(X @ At + C0)
+    if attention != "softmax":
+        phi = _phi(attention, C0.shape[-2], C0.device, mask, causal, bounded)
+        return lambda X: phi(X @ At + C0)
+    allowed = build_mask(C0.shape[-2], causal, mask, C0.device)
+    bias = None if allowed is None else torch.zeros((), dtype=C0.dtype, device=C0.device).masked_fill(
+        ~allowed, -1e9)
+    empty = _no_key_rows(mask if mask is None else allowed)
+    scale = 1.0 / math.sqrt(A.shape[-1] // 4)
+
+    def fn(X):
+        Z = X @ At + C0
+        k, q, v = Z.chunk(3, dim=-1)
+        if bounded:
+            k, q, v = squash(k), squash(q), squash(v)
+        scores = (q * scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            scores = scores + bias
+        out = torch.softmax(scores, dim=-1) @ v
+        if empty is not None:
+            out = out.masked_fill(empty, 0.0)
+        return torch.cat((Z, out), dim=-1)
+
+    return fn
 
 
 def _no_autocast(device):
