@@ -12,8 +12,9 @@ modules: quality and milliseconds per training step, in one run.
    32; the attention is causal SDPA or ImplicitMultiHeadAttention
    (feedback="values" and "full"). Validation loss on fixed batches.
 
-Times are per optimizer step (forward, backward, step), one thread unless
---threads. Iterations are the solves' (forward/backward) at the last step
+Times are medians per optimizer step (forward, backward, step), one thread
+unless --threads; the models of a task take their steps in turn, so a
+changing machine load slows them alike. Iterations are the solves' (forward/backward) at the last step
 and the most seen. Run from the repository root: PYTHONPATH=. python benchmarks/bench_sequence.py [--quick]
 """
 import argparse
@@ -92,18 +93,21 @@ def run_series(name, steps, seeds, hidden, implicit_hidden, lr=1e-2, batch=32):
     rows = {}
     for seed in range(seeds):
         torch.manual_seed(seed)
-        for label, model in series_models(hidden, implicit_hidden).items():
-            optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-            generator = torch.Generator().manual_seed(seed)
-            times = []
-            for _ in range(steps):
-                index = torch.randint(0, len(train[0]), (batch,), generator=generator)
+        runs = {label: dict(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=lr),
+                            generator=torch.Generator().manual_seed(seed), times=[])
+                for label, model in series_models(hidden, implicit_hidden).items()}
+        for _ in range(steps):  # in turn: a changing load slows every model alike
+            for run in runs.values():
+                model = run["model"]
+                index = torch.randint(0, len(train[0]), (batch,), generator=run["generator"])
                 start = time.perf_counter()
                 loss = nn.functional.mse_loss(model(train[0][index]), train[1][index])
-                optimizer.zero_grad()
+                run["optimizer"].zero_grad()
                 loss.backward()
-                optimizer.step()
-                times.append(time.perf_counter() - start)
+                run["optimizer"].step()
+                run["times"].append(time.perf_counter() - start)
+        for label, run in runs.items():
+            model, times = run["model"], run["times"]
             stats = getattr(model, "last_stats", None)  # the last training step's solves
             iters = "" if stats is None else f"{stats.forward['iterations']}/{stats.backward['iterations']}"
             with torch.no_grad():
@@ -183,41 +187,49 @@ def run_gpt(variants, steps, n_embd=64, num_heads=4, block=64, layers=2, batch=3
         y = torch.stack([source[s + 1 : s + block + 1] for s in starts])
         return x, y
 
-    rows = {}
+    # Every variant takes its step in turn (round robin), so that a machine
+    # whose load changes during the run slows them all alike.
+    runs = {}
     for label, make_attention in variants.items():
         torch.manual_seed(seed)
         model = GPT(len(chars), n_embd, num_heads, block, layers, make_attention)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-        generator = torch.Generator().manual_seed(seed)
-        times, worst, nonfinite = [], [0, 0], 0
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", idl.ImplicitFunctionWarning)
-            for _ in range(steps):
-                x, y = batch_of(train, torch.randint(0, len(train) - block - 1, (batch,), generator=generator))
+        runs[label] = dict(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=lr),
+                           generator=torch.Generator().manual_seed(seed), times=[], worst=[0, 0], nonfinite=0,
+                           warned=0)
+    for _ in range(steps):
+        for run in runs.values():
+            model = run["model"]
+            x, y = batch_of(train, torch.randint(0, len(train) - block - 1, (batch,), generator=run["generator"]))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", idl.ImplicitFunctionWarning)
                 start = time.perf_counter()
                 loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
-                optimizer.zero_grad()
+                run["optimizer"].zero_grad()
                 loss.backward()
-                optimizer.step()
-                times.append(time.perf_counter() - start)
-                nonfinite += not math.isfinite(loss.item())
-                for blk in model.blocks:
-                    stats = getattr(blk.attention, "last_stats", None)
-                    if stats is not None and stats.backward is not None:
-                        worst = [max(worst[0], stats.forward["iterations"]),
-                                 max(worst[1], stats.backward["iterations"])]
-            warned = sum(issubclass(w.category, idl.ImplicitFunctionWarning) for w in caught)
+                run["optimizer"].step()
+                run["times"].append(time.perf_counter() - start)
+            run["warned"] += sum(issubclass(w.category, idl.ImplicitFunctionWarning) for w in caught)
+            run["nonfinite"] += not math.isfinite(loss.item())
+            for blk in model.blocks:
+                stats = getattr(blk.attention, "last_stats", None)
+                if stats is not None and stats.backward is not None:
+                    run["worst"] = [max(run["worst"][0], stats.forward["iterations"]),
+                                    max(run["worst"][1], stats.backward["iterations"])]
+    rows = {}
+    for label, run in runs.items():
+        model = run["model"]
+        last = [getattr(blk.attention, "last_stats", None) for blk in model.blocks]
+        iters = ""
+        if last[0] is not None:
+            iters = ("last " + ",".join(f"{s.forward['iterations']}/{s.backward['iterations']}" for s in last)
+                     + f"; max {run['worst'][0]}/{run['worst'][1]}")
         with torch.no_grad():
             val_loss = sum(
                 nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
                 for x, y in (batch_of(val, s) for s in val_starts)
             ) / len(val_starts)
-        last = [getattr(blk.attention, "last_stats", None) for blk in model.blocks]
-        iters = ""
-        if last[0] is not None:
-            iters = "last " + ",".join(f"{s.forward['iterations']}" for s in last) + f"; max {worst[0]}/{worst[1]}"
-        rows[label] = dict(val=val_loss, ms=1e3 * sorted(times)[len(times) // 2], params=count(model),
-                           iters=iters, nonfinite=nonfinite, warned=warned)
+        rows[label] = dict(val=val_loss, ms=1e3 * sorted(run["times"])[len(run["times"]) // 2], params=count(model),
+                           iters=iters, nonfinite=run["nonfinite"], warned=run["warned"])
     return rows
 
 
@@ -257,7 +269,7 @@ def main():
         }
         variants = dict(makers[v] for v in args.gpt_variants.split(","))
         print(f"\n| char-GPT ({gpt_steps} steps) | params | val loss | ms/step | non-finite losses | "
-              "solver warnings | forward iters (last per block; max fwd/bwd) |")
+              "solver warnings | solver iters fwd/bwd (last step, per block; max over training) |")
         print("|---|---|---|---|---|---|---|")
         for label, row in run_gpt(variants, gpt_steps).items():
             print(f"| {label} | {row['params']} | {row['val']:.3f} | {row['ms']:.1f} | {row['nonfinite']} | "
