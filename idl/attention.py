@@ -999,6 +999,15 @@ class ImplicitMultiHeadAttention(_ImplicitAttention):
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before the heads were stacked: heads.{i}.{A, L, R, B, bias_hidden}
+        if f"{prefix}heads.0.B" in state_dict:
+            for name in ("A", "L", "R", "B", "bias_hidden"):
+                keys = [f"{prefix}heads.{i}.{name}" for i in range(self.num_heads)]
+                if all(key in state_dict for key in keys):
+                    state_dict[prefix + name] = torch.stack([state_dict.pop(key) for key in keys])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def head_output(self, query, key=None, value=None, attn_mask=None, key_padding_mask=None, is_causal=None):
         """Every head's output (batch, heads, T, hs), batch-first."""
         return self._solve(query, key, value, attn_mask, key_padding_mask, is_causal)[..., 3 * self.head_size :]

@@ -250,3 +250,14 @@ def test_autocast_forward_and_backward_solve_in_float32(which, dtype):
     assert stats.forward["converged"] and stats.backward["converged"]
     for p in module.parameters():
         assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+
+
+def test_multi_head_loads_a_checkpoint_of_separate_heads():
+    attention = mha(bias=True)
+    old = {f"heads.{i}.{name}": getattr(attention, name)[i].detach().clone()
+           for i in range(2) for name in ("A", "B", "bias_hidden")}
+    old.update({f"proj.{k}": v for k, v in attention.proj.state_dict().items()})
+    fresh = ImplicitMultiHeadAttention(8, 2, 6, bias=True, dtype=torch.float64)
+    fresh.load_state_dict(old)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    torch.testing.assert_close(fresh(x), attention(x))
