@@ -433,11 +433,11 @@ def attention_value_solve(Avv: torch.Tensor, Avo: torch.Tensor, Cp: torch.Tensor
     sequences, size = math.prod(shape[:-2]), math.prod(shape[-2:])
     with _no_autocast(Cp.device):
         f = squash if squashed else (lambda v: v)
-        Avv_t, Avo_t = Avv.transpose(-2, -1), Avo.transpose(-2, -1)
+        A_t = torch.cat((Avv, Avo), dim=-1).transpose(-2, -1)  # [v, out] @ A_t: one product
 
         def h(v):
             v = v.view(shape)
-            return (Cp + v @ Avv_t + (Wt @ f(v)) @ Avo_t).reshape(sequences, size)
+            return torch.add(Cp, torch.cat((v, Wt @ f(v)), dim=-1) @ A_t).reshape(sequences, size)
 
         stats = new_stats(torch.empty(0))
         v, stats[0] = solve_sequences(h, Cp.new_zeros(sequences, size), max_iter, tol, method, memory,
@@ -745,8 +745,10 @@ class _ImplicitAttention(nn.Module):
             bias = self.bias_hidden if self._stacked else self.bias_hidden.unsqueeze(0)
         hs = self.head_size
 
-        def pre(x, rows):  # x (batch, T, n_embd) -> (batch, heads, T, rows)
-            Cx = x.unsqueeze(1) @ B[:, rows].transpose(-2, -1)
+        def pre(x, rows):  # x (batch, T, n_embd) -> (batch, heads, T, rows), one product for all heads
+            weights = B[:, rows]
+            H, r = weights.shape[:2]
+            Cx = (x @ weights.reshape(H * r, -1).t()).view(x.shape[0], x.shape[1], H, r).transpose(1, 2)
             return Cx if bias is None else Cx + bias[:, None, rows]
 
         if key is None:
