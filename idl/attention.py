@@ -433,7 +433,9 @@ def attention_value_solve(Avv: torch.Tensor, Avo: torch.Tensor, Cp: torch.Tensor
     sequences, size = math.prod(shape[:-2]), math.prod(shape[-2:])
     with _no_autocast(Cp.device):
         f = squash if squashed else (lambda v: v)
-        A_t = torch.cat((Avv, Avo), dim=-1).transpose(-2, -1)  # [v, out] @ A_t: one product
+        # [v, out] @ A_t: one product, A_t expanded once to the batch (no broadcast copy per iteration)
+        A_t = torch.cat((Avv, Avo), dim=-1).transpose(-2, -1).expand(*shape[:-2], -1, -1).contiguous()
+        Cp = Cp.contiguous()
 
         def h(v):
             v = v.view(shape)
@@ -470,12 +472,15 @@ def attention_value_adjoint(Avv: torch.Tensor, Avo: torch.Tensor, Wt: torch.Tens
         G_rows = G.reshape(sequences, size)
         first = G_rows.abs().amax().item() if G_rows.numel() else 0.0
 
+        hs = shape[-1]
+        A_both = torch.cat((Avv, Avo), dim=-1).expand(*shape[:-2], -1, -1).contiguous()  # u @ [Avv | Avo]
+
         def step(u):
-            u = u.view(shape)
-            back = WtT @ (u @ Avo)
+            u_vv, u_vo = (u.view(shape) @ A_both).split(hs, dim=-1)
+            back = WtT @ u_vo
             if slope is not None:
                 back = back * slope
-            return G_rows + (u @ Avv + back).reshape(sequences, size)
+            return G_rows + (u_vv + back).reshape(sequences, size)
 
         u, stats = solve_sequences(step, torch.zeros_like(G_rows), max_iter, tol, method, memory)
         residual = stats[1].item()
@@ -559,7 +564,7 @@ def values_feedback_state(A, C0, attention, mask, causal, o):
     kq = C0[..., : 2 * hs] @ torch.linalg.inv(eye - M).transpose(-2, -1).unsqueeze(0)
     k, q = kq[..., :hs], kq[..., hs:]
     Wt = attention_weights(q, k, attention, build_mask(C0.shape[-2], causal, mask, C0.device))
-    Cp = C0[..., 2 * hs :] + kq @ A[..., 2 * hs :, : 2 * hs].transpose(-2, -1).unsqueeze(0)
+    Cp = (C0[..., 2 * hs :] + kq @ A[..., 2 * hs :, : 2 * hs].transpose(-2, -1).unsqueeze(0)).contiguous()
     Avv, Avo = A[..., 2 * hs :, 2 * hs : 3 * hs], A[..., 2 * hs :, 3 * hs :]
     squashed = attention == "lipschitz"
     v, stats = attention_value_solve(Avv, Avo, Cp, Wt, squashed, o.max_iter, float(o.tol), o.grad_max_iter,
