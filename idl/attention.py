@@ -17,19 +17,32 @@ mixes them), so a sequence is solved as a whole, here in torch: Picard
 iteration or Anderson acceleration with no gradient recorded, then implicit
 differentiation (an adjoint fixed point driven by vector–Jacobian products of
 one application of the map), never backpropagation through the iterations.
+All heads of :class:`ImplicitMultiHeadAttention` are one solve: heads are a
+batch dimension (A is (heads, 3·hs, 4·hs), the states (batch, heads, T, 4·hs)).
+
+Well-posedness. ``feedback="values"``: k, q read only k, q, and attention is
+1-Lipschitz in v, so with ||A||_inf <= kappa < 1 the map contracts.
+``feedback="full"``: q, k, v are squashed (x / √(1 + x²), 1-Lipschitz, into
+(-1, 1)) before attention, which bounds attention's Lipschitz constant in the
+inf-norm over the whole sequence by ``L = lipschitz_bound(attention, hs)``
+(1 + 2√hs for softmax, 1 + 16·hs for the Lipschitz variant); A's ``out``
+columns are divided by L after the projection. Then every row i has
+||A_kqv,i||₁ + L ||A_out,i||₁ <= kappa, and the map is a kappa-contraction in
+the norm max(||X_kqv||_inf, ||X_out||_inf / L): one fixed point, Picard
+converges at rate kappa, and so does the adjoint (its norm is the dual one).
 """
 import math
-from functools import partial
-from typing import Any, Callable, Optional
+import warnings
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
 
 from . import functional as F
 from ._ops import not_differentiable
-from ._stats import SolveStats, is_traced, merge_stats, new_stats, watch
+from ._stats import ImplicitFunctionWarning, SolveStats, is_traced, new_stats, watch
 from .implicit import (
-    ImplicitFunctionInf,
+    _autocasting,
     _check_like,
     _check_positive_int,
     check_well_posedness,
@@ -44,15 +57,26 @@ FEEDBACKS = ("values", "full")
 LIPSCHITZ_OFFSET = 0.25
 
 
-def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _no_key_rows(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if mask is None else ~mask.any(-1, keepdim=True)
+
+
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      mask: Optional[torch.Tensor]) -> torch.Tensor:
     """softmax(q kᵀ / √hs, masked) v for q, k, v (..., T, hs) and a boolean
-    mask (T, T) that is True where token i may attend to token j."""
+    mask (broadcastable to (..., T_q, T_k)) that is True where token i may
+    attend to token j (None: everywhere). A query with no key allowed gets 0."""
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v
+    if mask is None:
+        return torch.softmax(scores, dim=-1) @ v
+    # a finite fill: a row with no allowed key stays finite (and is zeroed)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    out = torch.softmax(scores, dim=-1) @ v
+    return out.masked_fill(_no_key_rows(mask), 0.0)
 
 
-def lipschitz_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def lipschitz_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        mask: Optional[torch.Tensor]) -> torch.Tensor:
     """Σ_j w_ij ṽ_j / (0.25 + Σ_j w_ij) with w_ij = exp(-||q_i - k_j||²) where
     ``mask`` allows it (0 elsewhere) and ṽ = v / √(1 + v²) elementwise.
 
@@ -62,179 +86,742 @@ def lipschitz_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     squared_distance = (
         q.square().sum(-1, keepdim=True) + k.square().sum(-1).unsqueeze(-2) - 2 * (q @ k.transpose(-2, -1))
     )
-    weights = torch.exp(-squared_distance).masked_fill(~mask, 0.0)
-    squashed = v / torch.sqrt(1 + v.square())
+    weights = torch.exp(-squared_distance)
+    if mask is not None:
+        weights = weights.masked_fill(~mask, 0.0)
+    squashed = squash(v)
     return (weights @ squashed) / (LIPSCHITZ_OFFSET + weights.sum(-1, keepdim=True))
+
+
+def squash(x: torch.Tensor) -> torch.Tensor:
+    """x / √(1 + x²): 1-Lipschitz, into (-1, 1)."""
+    return x / torch.sqrt(1 + x.square())
 
 
 _ATTENTION_FUNCTIONS = {"softmax": softmax_attention, "lipschitz": lipschitz_attention}
 
 
-def attention_activation(Z: torch.Tensor, attention: Callable, mask: torch.Tensor) -> torch.Tensor:
+def lipschitz_bound(attention: str, head_size: int) -> float:
+    """L such that, with q, k, v squashed into (-1, 1) (feedback="full"),
+    ||attention(Z) - attention(Z')||_inf <= L ||Z - Z'||_inf over a whole
+    sequence. Softmax: the v part gives 1; a score moves by at most
+    2·hs/√hs·δ = 2√hs·δ, and the weights' change moves an output by at most the
+    mean absolute deviation of the score changes (<= their largest size) times
+    max|ṽ| <= 1: L = 1 + 2√hs. Lipschitz variant: dw_j = -2 w_j d_j·(dq - dk_j)
+    with ||d_j||₁ <= 2·hs, |ṽ_j - out| <= 2, so 1 + 2·(2·2·hs·2) = 1 + 16·hs."""
+    if attention == "softmax":
+        return 1.0 + 2.0 * math.sqrt(head_size)
+    return 1.0 + 16.0 * head_size
+
+
+def attention_activation(Z: torch.Tensor, attention: Callable, mask: Optional[torch.Tensor],
+                         bounded: bool = False) -> torch.Tensor:
     """Φ: pre-activations [z_k, z_q, z_v] (..., T, 3·hs) to states
-    [k, q, v, out] (..., T, 4·hs), with k, q, v kept and out = attention(q, k, v)."""
+    [k, q, v, out] (..., T, 4·hs), with k, q, v kept and out = attention(q, k, v)
+    (of the squashed q, k, v when ``bounded``)."""
     k, q, v = Z.chunk(3, dim=-1)
+    if bounded:
+        k, q = squash(k), squash(q)
+        if attention is softmax_attention:  # the Lipschitz variant squashes v itself
+            v = squash(v)
     return torch.cat((Z, attention(q, k, v, mask)), dim=-1)
 
 
-def causal_activation(attention: str, T: int, device) -> Callable[[torch.Tensor], torch.Tensor]:
+def build_mask(T: int, causal: bool, mask: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
+    """The allowed-pairs mask: causal (j <= i) and ``mask`` (True = allowed)."""
+    if causal:
+        tril = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        return tril if mask is None else mask & tril
+    return mask
+
+
+def causal_activation(attention: str, T: int, device, bounded: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """Φ with ``attention`` ("softmax" or "lipschitz") under a causal mask, for
     sequences of length T (pre-activations (..., T, 3·hs) to states (..., T, 4·hs))."""
-    mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    return partial(attention_activation, attention=_ATTENTION_FUNCTIONS[attention], mask=mask)
+    return _phi(attention, T, device, None, True, bounded)
+
+
+def _phi(attention, T, device, mask, causal, bounded):
+    full_mask = build_mask(T, causal, mask, device)
+    fn = _ATTENTION_FUNCTIONS[attention]
+    return lambda Z: attention_activation(Z, fn, full_mask, bounded)
+
+
+# ---- the batched solver ----------------------------------------------------------
+
+
+class _Anderson:
+    """Anderson mixing over whole sequences (rows), in place: ring buffers of
+    the last ``memory`` residuals f = g(x) - x and images g(x) per row, and
+    their Gram matrix updated by one new row and column per iteration (no
+    history copied or recast). A row whose residual did not shrink starts
+    afresh (one Picard step); after ANDERSON_MAX_RESTARTS of those it iterates
+    plainly. The same rules as idl.functional's (and the compiled solver's)."""
+
+    def __init__(self, rows, n, memory, like):
+        self.memory = memory
+        self.F = like.new_zeros(rows, memory, n)
+        self.G = like.new_zeros(rows, memory, n)
+        self.gram = torch.zeros(rows, memory, memory, dtype=torch.float64, device=like.device)
+        self.count = torch.zeros(rows, dtype=torch.long, device=like.device)
+        self.next = torch.zeros_like(self.count)
+        self.last = torch.full((rows,), math.inf, dtype=torch.float64, device=like.device)
+        self.restarts = torch.zeros_like(self.count)
+        self.at = torch.arange(rows, device=like.device)
+        self.slots = torch.arange(memory, device=like.device)
+        self.eye = torch.eye(memory, dtype=torch.float64, device=like.device)
+
+    def step(self, x, gx, residual):
+        stalled = residual >= self.last
+        self.count.masked_fill_(stalled, 0)
+        self.next.masked_fill_(stalled, 0)
+        self.restarts += stalled
+        plain = self.restarts > F.ANDERSON_MAX_RESTARTS
+        self.last = torch.where(plain, self.last, residual)
+        f = gx - x
+        at, slot = self.at, self.next
+        self.F[at, slot] = f
+        self.G[at, slot] = gx
+        dots = (self.F @ f.unsqueeze(-1)).squeeze(-1).double()  # (rows, memory)
+        self.gram[at, slot] = dots
+        self.gram[at, :, slot] = dots
+        self.next = (self.next + 1) % self.memory
+        self.count = torch.clamp(self.count + 1, max=self.memory)
+        valid = self.slots[None, :] < self.count[:, None]
+        pair = valid[:, :, None] & valid[:, None, :]
+        gram = self.gram * pair
+        trace = gram.diagonal(dim1=1, dim2=2).sum(1)
+        ridge = F.ANDERSON_REGULARIZATION * trace / self.count
+        system = gram + self.eye * torch.where(valid, ridge[:, None], 1.0)[:, None, :]
+        y, info = torch.linalg.solve_ex(system, valid.double())
+        alpha = y / y.sum(1, keepdim=True)
+        mixed = (alpha.to(x.dtype).unsqueeze(1) @ self.G).squeeze(1)
+        usable = (self.count > 1) & (info == 0) & torch.isfinite(alpha).all(1) & ~plain
+        failed = (self.count > 1) & ~usable & ~plain
+        self.count.masked_fill_(failed, 0)
+        self.next.masked_fill_(failed, 0)
+        self.last = self.last.masked_fill(failed, math.inf)
+        return torch.where(usable[:, None], mixed, gx)
+
+
+def _stats_row(iterations, residual, converged):
+    return torch.tensor([float(iterations), residual, float(converged)], dtype=torch.float64)
+
+
+def solve_sequences(g, start, max_iter, tol, method="picard", memory=5, inputs=()):
+    """x <- g(x) (Anderson-mixed if asked) for every row of ``start`` (rows:
+    whole sequences, flattened) until every row's residual ||g(x) - x||_inf is
+    <= tol or max_iter; every row iterates until all are done (no rows are
+    gathered or copied). Returns (the last g(x), stats row [iterations,
+    worst residual, converged]). NaN or Inf in ``inputs`` stops it at once."""
+    if start.is_meta:
+        return torch.empty_like(start), torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64)
+    if start.numel() == 0:
+        return start.clone(), _stats_row(0, 0.0, True)
+    for t in inputs:
+        if t is not None and not torch.isfinite(t).all():
+            nan = float("nan")
+            return torch.full_like(start, nan), _stats_row(0, nan, False)
+    x = start
+    anderson = _Anderson(start.shape[0], start.shape[1], memory, start) if method == "anderson" else None
+    gx, worst = start, 0.0
+    for iteration in range(1, max_iter + 1):
+        gx = g(x)
+        residual = (gx - x).abs().amax(dim=1)
+        worst = residual.max().item()
+        if not math.isfinite(worst):
+            return gx, _stats_row(iteration, worst, False)
+        if worst <= tol:
+            return gx, _stats_row(iteration, worst, True)
+        x = gx if anderson is None else anderson.step(x, gx, residual.double())
+    return gx, _stats_row(max_iter, worst, False)
 
 
 # ---- the solve and its adjoint, as ops ------------------------------------------
 #
 # Custom ops, so that torch.compile(fullgraph=True) sees one opaque call per
 # solve (the loops inside stop on data) and traces around it from the fake
-# kernels. Rows of the solver loop (idl.functional.iterate_rows) are whole
-# flattened sequences: attention couples a sequence's tokens.
-
-
-def _solve_rows(fn, start, max_iter, tol, method, memory, inputs=()):
-    return F.iterate_rows(start, lambda X: X, fn, max_iter, tol, method, memory, inputs)
+# kernels. A is (3·hs, 4·hs) or (heads, 3·hs, 4·hs); C0 (batch, T, 3·hs) or
+# (batch, heads, T, 3·hs); mask (True = may attend) broadcasts to
+# (batch[, heads], T, T). The solves run in the inputs' dtype whatever autocast
+# says (a bfloat16 iteration cannot meet the tolerance).
 
 
 def _check_op_args(tensors: dict, attention: str, max_iter: int, tol: float, method: str,
-                   memory: int) -> None:
-    """What the compiled ops check of theirs: one dtype and one device for
-    every tensor (a meta one among real ones would give uninitialised memory),
-    and valid settings."""
+                   memory: int, mask: Optional[torch.Tensor] = None) -> None:
+    """What the ops check of theirs: one dtype and one device for every tensor
+    (a meta one among real ones would give uninitialised memory), and valid
+    settings."""
     (first_name, first), *rest = tensors.items()
     for name, t in rest:
         torch._check_type(t.dtype == first.dtype,
                           lambda: f"idl: {name} has dtype {t.dtype} but {first_name} has {first.dtype}")
         torch._check_value(t.device == first.device,
                            lambda: f"idl: {name} is on {t.device} but {first_name} is on {first.device}")
+    if mask is not None:
+        torch._check_type(mask.dtype == torch.bool, lambda: f"idl: mask must be bool, got {mask.dtype}")
+        torch._check_value(mask.device == first.device,
+                           lambda: f"idl: mask is on {mask.device} but {first_name} is on {first.device}")
     if attention not in ATTENTIONS:
         raise ValueError(f"idl: attention must be one of {ATTENTIONS}, got {attention!r}")
     F.SolverOptions(max_iter, tol, method=method, memory=memory)
 
 
+def _map(A, C0, attention, mask, causal, bounded):
+    """F(X) = Φ(X Aᵀ + C0) on states (batch[, heads], T, 4·hs). For softmax
+    the mask is an additive bias built once (-1e9 where not allowed: finite,
+    so a query with no allowed key stays finite until it is zeroed), the
+    scale is applied to q: per iteration, the same function as
+    softmax_attention with fewer passes over the scores."""
+    At = A.transpose(-2, -1)
+    if attention != "softmax":
+        phi = _phi(attention, C0.shape[-2], C0.device, mask, causal, bounded)
+        return lambda X: phi(X @ At + C0)
+    allowed = build_mask(C0.shape[-2], causal, mask, C0.device)
+    bias = None if allowed is None else torch.zeros((), dtype=C0.dtype, device=C0.device).masked_fill(
+        ~allowed, -1e9)
+    empty = _no_key_rows(mask if mask is None else allowed)
+    scale = 1.0 / math.sqrt(A.shape[-1] // 4)
+
+    def fn(X):
+        Z = X @ At + C0
+        k, q, v = Z.chunk(3, dim=-1)
+        if bounded:
+            k, q, v = squash(k), squash(q), squash(v)
+        scores = (q * scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            scores = scores + bias
+        out = torch.softmax(scores, dim=-1) @ v
+        if empty is not None:
+            out = out.masked_fill(empty, 0.0)
+        return torch.cat((Z, out), dim=-1)
+
+    return fn
+
+
+def _no_autocast(device):
+    return torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type) \
+        else torch.autocast("cpu", enabled=False)
+
+
 @torch.library.custom_op("idl::attention_solve", mutates_args=())
 def attention_solve(A: torch.Tensor, C0: torch.Tensor, attention: str, max_iter: int, tol: float,
-                    grad_max_iter: int, grad_tol: float, method: str,
-                    memory: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """X (batch, T, 4·hs) solving X = Φ(X Aᵀ + C0), and the solve's stats
+                    grad_max_iter: int, grad_tol: float, method: str, memory: int,
+                    mask: Optional[torch.Tensor] = None, causal: bool = True,
+                    bounded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """X (…, T, 4·hs) solving X = Φ(X Aᵀ + C0), and the solve's stats
     (idl/_stats.py: the backward fills row 1). grad_max_iter and grad_tol are
     for its backward (attention_adjoint)."""
-    _check_op_args({"A": A, "C0": C0}, attention, max_iter, tol, method, memory)
+    _check_op_args({"A": A, "C0": C0}, attention, max_iter, tol, method, memory, mask)
     F.SolverOptions(grad_max_iter=grad_max_iter, grad_tol=grad_tol)
-    batch, T, _ = C0.shape
-    width = A.shape[1]
-    phi = causal_activation(attention, T, C0.device)
-
-    def step(X, rows):
-        return phi(X.view(len(rows), T, width) @ A.t() + C0[rows]).flatten(1)
-
-    stats = new_stats(torch.empty(0))
-    X, stats[0] = _solve_rows(step, C0.new_zeros(batch, T * width), max_iter, tol, method, memory,
-                              inputs=(A, C0))
-    return X.view(batch, T, width), stats
+    shape = C0.shape[:-1] + (A.shape[-1],)
+    sequences = math.prod(C0.shape[:-2])
+    with _no_autocast(C0.device):
+        fn = _map(A, C0, attention, mask, causal, bounded)
+        stats = new_stats(torch.empty(0))
+        size = math.prod(shape[-2:])
+        X, stats[0] = solve_sequences(lambda X: fn(X.view(shape)).reshape(sequences, size),
+                                      C0.new_zeros(sequences, math.prod(shape[-2:])),
+                                      max_iter, tol, method, memory, inputs=(A, C0))
+    return X.view(shape), stats
 
 
 @attention_solve.register_fake
-def _(A, C0, attention, max_iter, tol, grad_max_iter, grad_tol, method, memory):
-    _check_op_args({"A": A, "C0": C0}, attention, max_iter, tol, method, memory)
-    batch, T, _ = C0.shape
-    return C0.new_empty(batch, T, A.shape[1]), torch.empty(2, 3, dtype=torch.float64)
+def _(A, C0, attention, max_iter, tol, grad_max_iter, grad_tol, method, memory, mask=None, causal=True,
+      bounded=False):
+    _check_op_args({"A": A, "C0": C0}, attention, max_iter, tol, method, memory, mask)
+    return C0.new_empty(C0.shape[:-1] + (A.shape[-1],)), torch.empty(2, 3, dtype=torch.float64)
 
 
 @torch.library.custom_op("idl::attention_adjoint", mutates_args=())
 def attention_adjoint(A: torch.Tensor, C0: torch.Tensor, X: torch.Tensor, G: torch.Tensor, attention: str,
-                      max_iter: int, tol: float, method: str,
-                      memory: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      max_iter: int, tol: float, method: str, memory: int,
+                      mask: Optional[torch.Tensor] = None, causal: bool = True,
+                      bounded: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Implicit differentiation of the solve at X for G = dL/dX: with
     F(X, A, C0) = Φ(X Aᵀ + C0), solve W = G + (∂F/∂X)ᵀ W; then dL/dA =
     (∂F/∂A)ᵀ W and dL/dC0 = (∂F/∂C0)ᵀ W. Returns those and the solve's stats.
-    (torch.func, since an op's kernel runs below autograd.)"""
-    _check_op_args({"A": A, "C0": C0, "X": X, "G": G}, attention, max_iter, tol, method, memory)
-    phi = causal_activation(attention, X.shape[1], X.device)
-    mapped, vjp_X = torch.func.vjp(lambda X: phi(X @ A.t() + C0), X)
-    G_rows = G.reshape(X.shape[0], X.shape[1] * X.shape[2])  # batch 0 too
 
-    def adjoint_step(W, rows):
-        if len(rows) < G_rows.shape[0]:  # sequences are independent: others get 0
-            W = G_rows.new_zeros(G_rows.shape).index_copy_(0, rows, W)
-        (vjp,) = vjp_X(W.view_as(mapped))
-        return G_rows[rows] + vjp.flatten(1)[rows]
+    A diverged adjoint (its residual non-finite, or larger at the end than
+    at the first iteration) returns zero gradients: the stats say it did not
+    converge, and the module warns (or raises) that this layer's gradient was
+    dropped. (torch.func, since an op's kernel runs below autograd.)"""
+    _check_op_args({"A": A, "C0": C0, "X": X, "G": G}, attention, max_iter, tol, method, memory, mask)
+    sequences = math.prod(X.shape[:-2])
+    with _no_autocast(X.device):
+        fn = _map(A, C0, attention, mask, causal, bounded)
+        mapped, vjp_X = torch.func.vjp(fn, X)
+        size = math.prod(X.shape[-2:])
+        G_rows = G.reshape(sequences, size)
+        first = G_rows.abs().amax().item() if G_rows.numel() else 0.0
 
-    W, stats = _solve_rows(adjoint_step, torch.zeros_like(G_rows), max_iter, tol, method, memory)
-    _, vjp_A_C0 = torch.func.vjp(lambda A, C0: phi(X @ A.t() + C0), A, C0)
-    grad_A, grad_C0 = vjp_A_C0(W.view_as(mapped))
-    return grad_A, grad_C0, stats
+        def adjoint_step(W):
+            (vjp,) = vjp_X(W.view_as(mapped))
+            return G_rows + vjp.reshape(sequences, size)
+
+        W, stats = solve_sequences(adjoint_step, torch.zeros_like(G_rows), max_iter, tol, method, memory)
+        residual = stats[1].item()
+        if not math.isfinite(residual) or (not stats[2].item() and residual > first):
+            return A.new_zeros(A.shape), C0.new_zeros(C0.shape), stats
+        _, vjp_A_C0 = torch.func.vjp(lambda A, C0: _map(A, C0, attention, mask, causal, bounded)(X), A, C0)
+        grad_A, grad_C0 = vjp_A_C0(W.view_as(mapped))
+    return grad_A.contiguous(), grad_C0.contiguous(), stats
 
 
 @attention_adjoint.register_fake
-def _(A, C0, X, G, attention, max_iter, tol, method, memory):
-    _check_op_args({"A": A, "C0": C0, "X": X, "G": G}, attention, max_iter, tol, method, memory)
-    return torch.empty_like(A), torch.empty_like(C0), torch.empty(3, dtype=torch.float64)
+def _(A, C0, X, G, attention, max_iter, tol, method, memory, mask=None, causal=True, bounded=False):
+    _check_op_args({"A": A, "C0": C0, "X": X, "G": G}, attention, max_iter, tol, method, memory, mask)
+    return A.new_empty(A.shape), C0.new_empty(C0.shape), torch.empty(3, dtype=torch.float64)
 
 
 def _solve_setup(ctx, inputs, output):
-    A, C0, attention, _max_iter, _tol, grad_max_iter, grad_tol, method, memory = inputs
+    A, C0, attention, _max_iter, _tol, grad_max_iter, grad_tol, method, memory, mask, causal, bounded = inputs
     X, stats = output
     ctx.save_for_backward(A, C0, X)
+    ctx.mask = mask
     ctx.settings = (attention, grad_max_iter, grad_tol, method, memory)
+    ctx.flags = (causal, bounded)
     ctx.stats = stats
     ctx.mark_non_differentiable(stats)
 
 
 def _solve_backward(ctx, grad_X, _grad_stats):
     A, C0, X = ctx.saved_tensors
-    grad_A, grad_C0, stats = attention_adjoint(A, C0, X, grad_X, *ctx.settings)
+    grad_A, grad_C0, stats = attention_adjoint(A, C0, X, grad_X, *ctx.settings, ctx.mask, *ctx.flags)
     if not is_traced(ctx.stats):
         ctx.stats[1] = stats
-    return grad_A, grad_C0, None, None, None, None, None, None, None
+        residual = stats[1].item()
+        if not math.isfinite(residual) or not stats[2].item():
+            if not torch.any(grad_A).item() and not torch.any(grad_C0).item():
+                warnings.warn(
+                    f"idl: the attention adjoint solve diverged (residual {residual:.3e}): this layer's "
+                    "gradient is set to zero for this step rather than handed to the optimizer",
+                    ImplicitFunctionWarning, stacklevel=2)
+    return grad_A, grad_C0, None, None, None, None, None, None, None, None, None, None
 
 
 attention_solve.register_autograd(_solve_backward, setup_context=_solve_setup)
 attention_adjoint.register_autograd(not_differentiable("idl::attention_adjoint"))
 
 
+# ---- feedback="values": only v is implicit -----------------------------------------
+#
+# With k, q reading only k, q, they solve a linear system of their own: [k, q]
+# = [k, q] Mᵀ + C0_kq, so [k, q] = C0_kq (I - M)⁻ᵀ exactly (M = A's k, q block,
+# ||M||_inf <= kappa < 1), and the attention weights Wt follow from k, q
+# explicitly (one softmax, differentiated by autograd). What remains implicit
+# is v alone:
+#
+#     v = h(v) = C' + v A_vvᵀ + (Wt f(v)) A_voᵀ,     out = Wt f(v)
+#
+# (C' = C0_v + [k, q] A_v,kqᵀ; f the identity for softmax, the squash for the
+# Lipschitz variant). Its Picard map contracts at rate kappa (Wt's rows sum to
+# at most 1, f is 1-Lipschitz), and one iteration costs two small products
+# and Wt f(v), not a whole attention. The fixed point is the same as the full
+# state's; the adjoint is its own small solve, written out below.
+
+
+@torch.library.custom_op("idl::attention_value_solve", mutates_args=())
+def attention_value_solve(Avv: torch.Tensor, Avo: torch.Tensor, Cp: torch.Tensor, Wt: torch.Tensor,
+                          squashed: bool, max_iter: int, tol: float, grad_max_iter: int, grad_tol: float,
+                          method: str, memory: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """v (batch, heads, T, hs) solving v = Cp + v Avvᵀ + (Wt f(v)) Avoᵀ, and
+    the stats (the backward fills row 1)."""
+    _check_op_args({"Avv": Avv, "Avo": Avo, "Cp": Cp, "Wt": Wt}, "softmax", max_iter, tol, method, memory)
+    F.SolverOptions(grad_max_iter=grad_max_iter, grad_tol=grad_tol)
+    shape = Cp.shape
+    sequences, size = math.prod(shape[:-2]), math.prod(shape[-2:])
+    with _no_autocast(Cp.device):
+        f = squash if squashed else (lambda v: v)
+        # [v, out] @ A_t: one product, A_t expanded once to the batch (no broadcast copy per iteration)
+        A_t = torch.cat((Avv, Avo), dim=-1).transpose(-2, -1).expand(*shape[:-2], -1, -1).contiguous()
+        Cp = Cp.contiguous()
+
+        def h(v):
+            v = v.view(shape)
+            return torch.add(Cp, torch.cat((v, Wt @ f(v)), dim=-1) @ A_t).reshape(sequences, size)
+
+        stats = new_stats(torch.empty(0))
+        v, stats[0] = solve_sequences(h, Cp.new_zeros(sequences, size), max_iter, tol, method, memory,
+                                      inputs=(Avv, Avo, Cp, Wt))
+    return v.view(shape), stats
+
+
+@attention_value_solve.register_fake
+def _(Avv, Avo, Cp, Wt, squashed, max_iter, tol, grad_max_iter, grad_tol, method, memory):
+    _check_op_args({"Avv": Avv, "Avo": Avo, "Cp": Cp, "Wt": Wt}, "softmax", max_iter, tol, method, memory)
+    return Cp.new_empty(Cp.shape), torch.empty(2, 3, dtype=torch.float64)
+
+
+@torch.library.custom_op("idl::attention_value_adjoint", mutates_args=())
+def attention_value_adjoint(Avv: torch.Tensor, Avo: torch.Tensor, Wt: torch.Tensor, v: torch.Tensor,
+                            G: torch.Tensor, squashed: bool, max_iter: int, tol: float, method: str,
+                            memory: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                  torch.Tensor]:
+    """For G = dL/dv: u = G + J_hᵀ u with J_hᵀ u = u Avv + f'(v) ⊙ (Wtᵀ (u Avo));
+    then dL/dCp = u, dL/dAvv = Σ uᵀ v, dL/dAvo = Σ uᵀ (Wt f(v)), dL/dWt =
+    (u Avo) f(v)ᵀ. Returns (dAvv, dAvo, dCp, dWt, stats); zeros where the
+    adjoint diverged (see attention_adjoint)."""
+    _check_op_args({"Avv": Avv, "Avo": Avo, "Wt": Wt, "v": v, "G": G}, "softmax", max_iter, tol, method, memory)
+    shape = v.shape
+    sequences, size = math.prod(shape[:-2]), math.prod(shape[-2:])
+    with _no_autocast(v.device):
+        fv = squash(v) if squashed else v
+        slope = (1 + v.square()).pow(-1.5) if squashed else None
+        WtT = Wt.transpose(-2, -1)
+        G_rows = G.reshape(sequences, size)
+        first = G_rows.abs().amax().item() if G_rows.numel() else 0.0
+
+        hs = shape[-1]
+        A_both = torch.cat((Avv, Avo), dim=-1).expand(*shape[:-2], -1, -1).contiguous()  # u @ [Avv | Avo]
+
+        def step(u):
+            u_vv, u_vo = (u.view(shape) @ A_both).split(hs, dim=-1)
+            back = WtT @ u_vo
+            if slope is not None:
+                back = back * slope
+            return G_rows + (u_vv + back).reshape(sequences, size)
+
+        u, stats = solve_sequences(step, torch.zeros_like(G_rows), max_iter, tol, method, memory)
+        residual = stats[1].item()
+        if not math.isfinite(residual) or (not stats[2].item() and residual > first):
+            return (Avv.new_zeros(Avv.shape), Avo.new_zeros(Avo.shape), v.new_zeros(shape), Wt.new_zeros(Wt.shape),
+                    stats)
+        u = u.view(shape)
+        out = Wt @ fv
+        heads_sum = (lambda t: t.sum(0)) if Avv.dim() == 3 else (lambda t: t.sum((0, 1)))
+        grad_Avv = heads_sum(u.transpose(-2, -1) @ v)
+        grad_Avo = heads_sum(u.transpose(-2, -1) @ out)
+        grad_Wt = (u @ Avo) @ fv.transpose(-2, -1)
+    return grad_Avv.contiguous(), grad_Avo.contiguous(), u.contiguous(), grad_Wt.contiguous(), stats
+
+
+@attention_value_adjoint.register_fake
+def _(Avv, Avo, Wt, v, G, squashed, max_iter, tol, method, memory):
+    return (Avv.new_empty(Avv.shape), Avo.new_empty(Avo.shape), v.new_empty(v.shape), Wt.new_empty(Wt.shape),
+            torch.empty(3, dtype=torch.float64))
+
+
+def _value_setup(ctx, inputs, output):
+    Avv, Avo, Cp, Wt, squashed, _max_iter, _tol, grad_max_iter, grad_tol, method, memory = inputs
+    v, stats = output
+    ctx.save_for_backward(Avv, Avo, Wt, v)
+    ctx.settings = (squashed, grad_max_iter, grad_tol, method, memory)
+    ctx.stats = stats
+    ctx.mark_non_differentiable(stats)
+
+
+def _warn_if_dropped(stats, grads):
+    residual = stats[1].item()
+    if (not math.isfinite(residual) or not stats[2].item()) and not any(torch.any(g).item() for g in grads):
+        warnings.warn(
+            f"idl: the attention adjoint solve diverged (residual {residual:.3e}): this layer's "
+            "gradient is set to zero for this step rather than handed to the optimizer",
+            ImplicitFunctionWarning, stacklevel=3)
+
+
+def _value_backward(ctx, grad_v, _grad_stats):
+    Avv, Avo, Wt, v = ctx.saved_tensors
+    grad_Avv, grad_Avo, grad_Cp, grad_Wt, stats = attention_value_adjoint(Avv, Avo, Wt, v, grad_v, *ctx.settings)
+    if not is_traced(ctx.stats):
+        ctx.stats[1] = stats
+        _warn_if_dropped(stats, (grad_Avv, grad_Avo, grad_Cp, grad_Wt))
+    return grad_Avv, grad_Avo, grad_Cp, grad_Wt, None, None, None, None, None, None, None
+
+
+attention_value_solve.register_autograd(_value_backward, setup_context=_value_setup)
+attention_value_adjoint.register_autograd(not_differentiable("idl::attention_value_adjoint"))
+
+
+def attention_weights(q, k, attention, mask):
+    """The weights Wt (…, Tq, Tk) with out = Wt f(v) (differentiable): softmax
+    rows (0 for a query with no allowed key), or the Lipschitz variant's
+    w / (0.25 + Σ w)."""
+    if attention == "softmax":
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        if mask is None:
+            return torch.softmax(scores, dim=-1)
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        return torch.softmax(scores, dim=-1).masked_fill(_no_key_rows(mask), 0.0)
+    squared_distance = (
+        q.square().sum(-1, keepdim=True) + k.square().sum(-1).unsqueeze(-2) - 2 * (q @ k.transpose(-2, -1))
+    )
+    weights = torch.exp(-squared_distance)
+    if mask is not None:
+        weights = weights.masked_fill(~mask, 0.0)
+    return weights / (LIPSCHITZ_OFFSET + weights.sum(-1, keepdim=True))
+
+
+def values_feedback_state(A, C0, attention, mask, causal, o):
+    """The equilibrium [k, q, v, out] for feedback="values" (A (heads, 3·hs,
+    4·hs) with its k, q rows zero in the v, out columns; C0 (batch, heads, T,
+    3·hs)): k, q exactly, the weights explicitly, v by the implicit solve
+    above. Returns (X, stats, v), v being the solve's own output (what a
+    backward report hooks on)."""
+    hs = A.shape[-1] // 4
+    M = A[..., : 2 * hs, : 2 * hs]
+    eye = torch.eye(2 * hs, dtype=A.dtype, device=A.device)
+    kq = C0[..., : 2 * hs] @ torch.linalg.inv(eye - M).transpose(-2, -1).unsqueeze(0)
+    k, q = kq[..., :hs], kq[..., hs:]
+    Wt = attention_weights(q, k, attention, build_mask(C0.shape[-2], causal, mask, C0.device))
+    Cp = (C0[..., 2 * hs :] + kq @ A[..., 2 * hs :, : 2 * hs].transpose(-2, -1).unsqueeze(0)).contiguous()
+    Avv, Avo = A[..., 2 * hs :, 2 * hs : 3 * hs], A[..., 2 * hs :, 3 * hs :]
+    squashed = attention == "lipschitz"
+    v, stats = attention_value_solve(Avv, Avo, Cp, Wt, squashed, o.max_iter, float(o.tol), o.grad_max_iter,
+                                     float(o.grad_tol), o.method, o.memory)
+    out = Wt @ (squash(v) if squashed else v)
+    return torch.cat((k, q, v, out), dim=-1), stats, v
+
+
 # ---- modules -------------------------------------------------------------------
 
 
-class ImplicitAttentionHead(nn.Module):
-    r"""One causal self-attention head in implicit form.
+def _check_tensor(t, name, who):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{who}: {name} must be a torch.Tensor, got {type(t).__name__}")
 
-    Per token the state is [k, q, v, out] (4 × head_size); a sequence's states
-    X (T, 4·hs) solve X = Φ(X Aᵀ + U Bᵀ (+ b)), where Φ keeps k, q, v and sets
-    out = attention(q, k, v) (see the module docstring). The head returns out.
-    With A = 0 it is an ordinary attention head whose key, query and value
-    weights are the three blocks of B.
 
-    ``attention="softmax"``: softmax(q kᵀ / √hs) v with a causal mask.
-    ``attention="lipschitz"``: weights exp(-||q_i - k_j||²) for j <= i,
-    divided by 0.25 + their row sum, applied to v / √(1 + v²).
+class _ImplicitAttention(nn.Module):
+    """Shared by the head and the multi-head module: the parameters of
+    ``num_heads`` heads stacked (a leading heads dimension unless
+    ``stacked`` is False, as for a single head), and one batched solve."""
 
-    Convergence. A is projected onto {||A||_inf <= kappa} before every solve
-    (as ImplicitFunctionInf does), so the linear part of the map contracts;
-    what can break convergence is attention's sensitivity to q and k, which
-    for softmax has no global bound. ``feedback`` chooses how the state feeds
-    back:
+    def __init__(self, n_embd, head_size, num_heads, block_size, attention, feedback, bias, kappa,
+                 is_low_rank, rank, projection, solver, anderson_memory, mitr, grad_mitr, tol, grad_tol,
+                 on_nonconvergence, causal, batch_first, stacked, device, dtype):
+        super().__init__()
+        who = type(self).__name__
+        _check_positive_int("n_embd", n_embd)
+        _check_positive_int("head_size", head_size)
+        if block_size is not None:
+            _check_positive_int("block_size", block_size)
+        if attention not in ATTENTIONS:
+            raise ValueError(f"{who}: attention must be one of {ATTENTIONS}, got {attention!r}")
+        if feedback not in FEEDBACKS:
+            raise ValueError(f"{who}: feedback must be one of {FEEDBACKS}, got {feedback!r}")
+        rows, width = 3 * head_size, 4 * head_size
+        check_well_posedness(kappa, projection, is_low_rank, rank, rows, f"3 * head_size = {rows}")
+        mitr = _check_positive_int("mitr", mitr)
+        grad_mitr = _check_positive_int("grad_mitr", grad_mitr)
+        self.options = F.SolverOptions(mitr, tol, grad_mitr, grad_tol, on_nonconvergence, method=solver,
+                                       memory=anderson_memory)
+        self.n_embd, self.head_size, self.num_heads, self.block_size = n_embd, head_size, num_heads, block_size
+        self.attention, self.feedback, self.bias = attention, feedback, bias
+        self.kappa, self.projection = float(kappa), projection
+        self.is_low_rank, self.rank = is_low_rank, rank
+        self.causal, self.batch_first, self._stacked = bool(causal), bool(batch_first), stacked
+        lead = (num_heads,) if stacked else ()
 
-    - ``"values"`` (default): k and q read only k and q (A's k, q rows are 0
-      in the v and out columns); v reads everything. The solve always
-      converges: k, q solve a linear system whose Picard map contracts at rate
-      kappa, and with k, q fixed both attentions are 1-Lipschitz in v (each
-      row of weights sums to at most 1; v / √(1 + v²) is 1-Lipschitz), so the
-      (v, out) map contracts at rate kappa too.
-    - ``"full"``: every part reads every part. Converges when
-      max_i(||row i of A_kqv||₁ + L ||row i of A_out||₁) < 1, L being the
-      Lipschitz constant of attention on the iterates: true for small A (the
-      initialisation has ||A||_inf about 0.4), more robustly for the
-      Lipschitz variant (its slope in q, k is bounded) than for softmax,
-      which may oscillate. ``solver="anderson"`` or a smaller kappa help.
+        # Where A may be non-zero (None: everywhere).
+        mask = None
+        if feedback == "values":
+            mask = torch.ones(rows, width, dtype=torch.bool)
+            mask[: 2 * head_size, 2 * head_size :] = False
+        self.register_buffer("feedback_mask", mask, persistent=False)
+        # full feedback: the out columns of A are divided by L (see the module docstring)
+        self.lipschitz = lipschitz_bound(attention, head_size) if feedback == "full" else None
+        # A starts small (||A||_inf about 0.4), so the head starts close to an
+        # explicit one; B as nn.Linear would initialise the k, q, v weights.
+        if is_low_rank:
+            self.L = nn.Parameter(torch.randn(*lead, rows, rank) * (0.5 / math.sqrt(rank)))
+            self.R = nn.Parameter(torch.randn(*lead, width, rank) * (0.5 / width))
+        else:
+            A = torch.randn(*lead, rows, width) * (0.5 / width)
+            self.A = nn.Parameter(A if mask is None else A.masked_fill(~mask, 0.0))
+        bound = 1.0 / math.sqrt(n_embd)
+        self.B = nn.Parameter(torch.empty(*lead, rows, n_embd).uniform_(-bound, bound))
+        if bias:
+            self.bias_hidden = nn.Parameter(torch.empty(*lead, rows).uniform_(-bound, bound))
+        self.last_stats: Optional[SolveStats] = None
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
-    Every solve stops after mitr (grad_mitr) iterations and then warns or
-    raises, so it never hangs.
+    def effective_A(self) -> torch.Tensor:
+        """The well-posed A ((heads,) 3·hs, 4·hs) the solves use
+        (differentiable): projected onto {||A||_inf <= kappa} row by row, zero
+        where ``feedback`` forbids (masking the full A before projecting spends
+        the row budget on the allowed entries only; masking L Rᵀ after can only
+        shrink its rows), and with feedback="full" its out columns divided by
+        the attention's Lipschitz bound."""
+        mask = self.feedback_mask
+        if self.is_low_rank:
+            radius = math.sqrt(self.kappa)
+            L = F.project_linf(self.L.reshape(-1, self.L.shape[-1]), radius, self.projection).view_as(self.L)
+            Rt = self.R.transpose(-2, -1)
+            Rt = F.project_linf(Rt.reshape(-1, Rt.shape[-1]), radius, self.projection).view_as(Rt)
+            A = L @ Rt
+            if mask is not None:
+                A = A.masked_fill(~mask, 0.0)
+        else:
+            A = self.A if mask is None else self.A.masked_fill(~mask, 0.0)
+            A = F.project_linf(A.reshape(-1, A.shape[-1]), self.kappa, self.projection).view_as(A)
+        if self.lipschitz is not None:
+            split = 3 * self.head_size
+            A = torch.cat((A[..., :split], A[..., split:] / self.lipschitz), dim=-1)
+        return A
 
-    Args:
-        n_embd: features per token of the input.
-        head_size: hs, size of each of k, q, v and the output.
-        block_size: the longest sequence accepted (the causal mask's size).
+    def activation(self, T: int, causal: Optional[bool] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Φ for sequences of length T (pre-activations (..., T, 3·hs) to
+        states (..., T, 4·hs)), causal unless the module is not (or ``causal``)."""
+        causal = self.causal if causal is None else causal
+        return _phi(self.attention, T, self.B.device, None, causal, self.feedback == "full")
+
+    # -- inputs ------------------------------------------------------------
+
+    def _to_batch_first(self, t, name):
+        who = type(self).__name__
+        _check_tensor(t, name, who)
+        layout = "(batch, T, n_embd)" if self.batch_first else "(T, batch, n_embd)"
+        if t.dim() != 3 or t.shape[2] != self.n_embd:
+            hint = " (for one unbatched sequence add a batch dimension)" if t.dim() == 2 else ""
+            raise ValueError(
+                f"{who}: {name} must have shape {layout.replace('n_embd', f'n_embd={self.n_embd}')}, "
+                f"got shape {tuple(t.shape)}{hint}"
+            )
+        if not self.batch_first:
+            t = t.transpose(0, 1)
+        if t.shape[1] < 1:
+            raise ValueError(f"{who}: {name} has T=0 tokens; expected T >= 1")
+        if self.block_size is not None and t.shape[1] > self.block_size:
+            raise ValueError(
+                f"{who}: {name} has T={t.shape[1]} tokens; expected 1 <= T <= block_size={self.block_size}"
+            )
+        _check_like(t, self.B, name)
+        return t
+
+    def _masks(self, batch, Tq, Tk, attn_mask, key_padding_mask, device):
+        """attn_mask (Tq, Tk) or (batch·heads, Tq, Tk) and key_padding_mask
+        (batch, Tk), True (or -inf) where attending is NOT allowed, as in
+        nn.MultiheadAttention, to one allowed-pairs mask (batch or 1, heads or
+        1, Tq, Tk) (None for none)."""
+        who = type(self).__name__
+        H = self.num_heads
+        allowed = None
+        if attn_mask is not None:
+            _check_tensor(attn_mask, "attn_mask", who)
+            m = _as_blocked(attn_mask, "attn_mask", who)
+            if m.shape == (Tq, Tk):
+                m = m[None, None]
+            elif m.dim() == 3 and m.shape == (batch * H, Tq, Tk):
+                m = m.view(batch, H, Tq, Tk)
+            else:
+                raise ValueError(f"{who}: attn_mask must have shape ({Tq}, {Tk}) or "
+                                 f"(batch * num_heads = {batch * H}, {Tq}, {Tk}), got {tuple(attn_mask.shape)}")
+            allowed = ~m.to(device)
+        if key_padding_mask is not None:
+            _check_tensor(key_padding_mask, "key_padding_mask", who)
+            m = _as_blocked(key_padding_mask, "key_padding_mask", who)
+            if m.shape != (batch, Tk):
+                raise ValueError(f"{who}: key_padding_mask must have shape (batch, T_key) = {(batch, Tk)}, "
+                                 f"got {tuple(m.shape)}")
+            m = ~m.to(device)[:, None, None, :]
+            allowed = m if allowed is None else allowed & m
+        return allowed
+
+    def _solve(self, query, key=None, value=None, attn_mask=None, key_padding_mask=None, is_causal=None):
+        """The equilibrium of the query tokens, (batch, heads, Tq, 4·hs) (no
+        heads dimension for a single head), batch-first."""
+        who = type(self).__name__
+        refuse_function_transforms(who)
+        cross = key is not None or value is not None
+        query = self._to_batch_first(query, "query" if cross else "x")
+        if cross:
+            key = query if key is None else self._to_batch_first(key, "key")
+            value = key if value is None else self._to_batch_first(value, "value")
+            if key.shape[:2] != value.shape[:2] or key.shape[0] != query.shape[0]:
+                raise ValueError(f"{who}: key {tuple(key.shape)} and value {tuple(value.shape)} must have the "
+                                 f"batch size of query {tuple(query.shape)} and one length")
+        causal = self.causal if is_causal is None else bool(is_causal)
+        batch, Tq = query.shape[:2]
+        Tk = key.shape[1] if cross else Tq
+        allowed = self._masks(batch, Tq, Tk, attn_mask, key_padding_mask, query.device)
+        o = self.options
+        if _autocasting(query):  # solve in the parameters' dtype, whatever autocast says
+            with torch.autocast(query.device.type, enabled=False):
+                dtype = self.B.dtype
+                return self._solve_inputs(query.to(dtype), None if not cross else key.to(dtype),
+                                          None if not cross else value.to(dtype), allowed, causal, o)
+        return self._solve_inputs(query, key if cross else None, value if cross else None, allowed, causal, o)
+
+    def _solve_inputs(self, query, key, value, allowed, causal, o):
+        B = self.B if self._stacked else self.B.unsqueeze(0)
+        bias = None
+        if self.bias:
+            bias = self.bias_hidden if self._stacked else self.bias_hidden.unsqueeze(0)
+        hs = self.head_size
+
+        def pre(x, rows):  # x (batch, T, n_embd) -> (batch, heads, T, rows), one product for all heads
+            weights = B[:, rows]
+            H, r = weights.shape[:2]
+            Cx = (x @ weights.reshape(H * r, -1).t()).view(x.shape[0], x.shape[1], H, r).transpose(1, 2)
+            return Cx if bias is None else Cx + bias[:, None, rows]
+
+        if key is None:
+            C0 = pre(query, slice(None))
+            Tq = query.shape[1]
+        else:
+            # Cross-attention: one joint sequence, memory tokens first. A
+            # memory token's pre-activation is [key B_k, 0, value B_v], a
+            # query token's [0, query B_q, 0]; query tokens attend memory
+            # tokens only, and memory tokens nothing (out = 0).
+            Tk, Tq = key.shape[1], query.shape[1]
+            Ck, Cv, Cq = pre(key, slice(0, hs)), pre(value, slice(2 * hs, 3 * hs)), pre(query, slice(hs, 2 * hs))
+            memory = torch.cat((Ck, torch.zeros_like(Ck), Cv), dim=-1)
+            queries = torch.cat((torch.zeros_like(Cq), Cq, torch.zeros_like(Cq)), dim=-1)
+            C0 = torch.cat((memory, queries), dim=-2)
+            block = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device)
+            if causal:
+                block = block.tril()
+            if allowed is not None:
+                block = block & allowed
+            T = Tk + Tq
+            joint = torch.zeros(block.shape[:-2] + (T, T), dtype=torch.bool, device=query.device)
+            joint[..., Tk:, :Tk] = block
+            allowed, causal = joint, False
+        A = self.effective_A()
+        if not self._stacked:
+            A = A.unsqueeze(0)
+        if self.feedback == "values":
+            X, stats, solved = values_feedback_state(A, C0, self.attention, allowed, causal, o)
+        else:
+            settings = (self.attention, o.max_iter, float(o.tol), o.grad_max_iter, float(o.grad_tol), o.method,
+                        o.memory)
+            X, stats = attention_solve(A, C0, *settings, allowed, causal, True)
+            solved = X
+        if torch.compiler.is_compiling():  # a compiled graph cannot read stats
+            self.last_stats = None
+        else:
+            self.last_stats = SolveStats([stats])
+            watch(stats, o.on_nonconvergence, solved)
+        X = X[..., -Tq:, :]
+        return X if self._stacked else X.squeeze(1)
+
+    def _output_layout(self, y):
+        return y if self.batch_first else y.transpose(0, 1)
+
+    def _extra(self):
+        parts = [
+            f"attention={self.attention!r}, feedback={self.feedback!r}, solver={self.options.method!r}",
+            f"kappa={self.kappa}, projection={self.projection!r}, causal={self.causal}",
+        ]
+        if self.is_low_rank:
+            parts.append(f"rank={self.rank}")
+        return parts
+
+
+def _as_blocked(mask, name, who):
+    """A mask, True (bool) or -inf (float) where attending is NOT allowed, as
+    a bool tensor."""
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_floating_point():
+        if not torch.compiler.is_compiling() and not bool(((mask == 0) | (mask == -math.inf)).all()):
+            raise ValueError(f"{who}: a float {name} may hold only 0 (attend) and -inf (do not attend)")
+        return mask == -math.inf
+    raise TypeError(f"{who}: {name} must be a bool or float tensor, got {mask.dtype}")
+
+
+_HEAD_DOC_OPTIONS = r"""
         attention: ``"softmax"`` or ``"lipschitz"``.
         feedback: ``"values"`` (default) or ``"full"``, see Convergence.
         bias: add a learnt bias b (3·hs) to the pre-activations.
@@ -243,27 +830,72 @@ class ImplicitAttentionHead(nn.Module):
             factor projected onto the ball of radius √kappa.
         projection: ``"exact"`` (Euclidean, default) or ``"scale"``.
         solver: ``"picard"`` (default) or ``"anderson"`` (Anderson
-            acceleration, memory 5) for both the forward and adjoint solves.
+            acceleration) for both the forward and adjoint solves.
+        anderson_memory: how many past iterates Anderson mixes, 1 to 16.
         mitr, grad_mitr: iteration limits of the forward and adjoint solves.
         tol, grad_tol: absolute tolerances on each sequence's inf-norm
             residual ||F(X) - X||_inf. In float32 keep tol above the state's
             round-off (about 1e-7 × its largest entry), or the solve cannot
             meet it.
         on_nonconvergence: ``"warn"`` (ImplicitFunctionWarning) or ``"raise"``
-            (SolveNotConverged).
+            (SolveNotConverged). A diverged adjoint solve (non-finite, or its
+            residual grown) never reaches the optimizer: the layer's gradient
+            is zero for that step, with a warning (or the error).
+        causal: attend to earlier tokens only (default True, the GPT use);
+            ``forward(..., is_causal=...)`` overrides it per call.
+        batch_first: inputs (batch, T, n_embd) (default) or (T, batch, n_embd).
+        device, dtype: of the parameters.
+"""
 
-    Shapes: input (batch, T, n_embd) with 1 <= T <= block_size; output
-    (batch, T, head_size). ``state(x)`` returns the whole equilibrium
-    (batch, T, 4·hs). After a call ``last_stats`` (SolveStats) tells what the
-    solves did. Gradients are first order (no double backward). Attention
-    dropout is not offered: a random map has no fixed point.
+
+class ImplicitAttentionHead(_ImplicitAttention):
+    __doc__ = r"""One self-attention head in implicit form (causal by default).
+
+    Per token the state is [k, q, v, out] (4 × head_size); a sequence's states
+    X (T, 4·hs) solve X = Φ(X Aᵀ + U Bᵀ (+ b)), where Φ keeps k, q, v and sets
+    out = attention(q, k, v) (see the module docstring). The head returns out.
+    With A = 0 it is an ordinary attention head whose key, query and value
+    weights are the three blocks of B.
+
+    ``attention="softmax"``: softmax(q kᵀ / √hs) v.
+    ``attention="lipschitz"``: weights exp(-||q_i - k_j||²), divided by 0.25
+    + their row sum, applied to v / √(1 + v²).
+
+    Convergence. A is projected onto {||A||_inf <= kappa} before every solve.
+
+    - ``"values"`` (default): k and q read only k and q; v reads everything.
+      The solve always converges: k, q solve a linear system whose Picard map
+      contracts at rate kappa, and with k, q fixed both attentions are
+      1-Lipschitz in v, so the (v, out) map contracts at rate kappa too.
+    - ``"full"``: every part reads every part, well-posed by construction:
+      attention reads the squashed q, k, v (x / √(1 + x²)), which bounds its
+      Lipschitz constant by L = :func:`lipschitz_bound` (1 + 2√hs for softmax,
+      1 + 16·hs for the Lipschitz variant), and A's out columns are divided by
+      L, so the map is a kappa-contraction (in the norm max(||kqv||_inf,
+      ||out||_inf / L)); the forward and the adjoint solves converge.
+
+    Every solve stops after mitr (grad_mitr) iterations and then warns or
+    raises, so it never hangs.
+
+    Args:
+        n_embd: features per token of the input.
+        head_size: hs, size of each of k, q, v and the output.
+        block_size: the longest sequence accepted (None: any).""" + _HEAD_DOC_OPTIONS + r"""
+    Shapes: ``forward(query, key=None, value=None, attn_mask=None,
+    key_padding_mask=None, is_causal=None)``: query (batch, T, n_embd) with
+    1 <= T <= block_size; output (batch, T, head_size). key/value given:
+    cross-attention to them (see :class:`ImplicitMultiHeadAttention`).
+    ``state(x)`` returns the whole equilibrium (batch, T, 4·hs). After a call
+    ``last_stats`` (SolveStats) tells what the solves did. Gradients are first
+    order (no double backward). Attention dropout is not offered: a random map
+    has no fixed point. Under autocast the solve runs in the parameters' dtype.
     """
 
     def __init__(
         self,
         n_embd: int,
         head_size: int,
-        block_size: int,
+        block_size: Optional[int] = None,
         attention: str = "softmax",
         feedback: str = "values",
         bias: bool = False,
@@ -277,148 +909,121 @@ class ImplicitAttentionHead(nn.Module):
         tol: float = 3e-6,
         grad_tol: float = 3e-6,
         on_nonconvergence: str = "warn",
+        anderson_memory: int = 5,
+        causal: bool = True,
+        batch_first: bool = True,
+        device=None,
+        dtype=None,
     ) -> None:
-        super().__init__()
-        _check_positive_int("n_embd", n_embd)
-        _check_positive_int("head_size", head_size)
-        _check_positive_int("block_size", block_size)
-        if attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
-        if feedback not in FEEDBACKS:
-            raise ValueError(f"feedback must be one of {FEEDBACKS}, got {feedback!r}")
-        rows, width = 3 * head_size, 4 * head_size
-        check_well_posedness(kappa, projection, is_low_rank, rank, rows, f"3 * head_size = {rows}")
-        self.options = F.SolverOptions(mitr, tol, grad_mitr, grad_tol, on_nonconvergence, method=solver)
-        self.n_embd, self.head_size, self.block_size = n_embd, head_size, block_size
-        self.attention, self.feedback, self.bias = attention, feedback, bias
-        self.kappa, self.projection = float(kappa), projection
-        self.is_low_rank, self.rank = is_low_rank, rank
+        super().__init__(n_embd, head_size, 1, block_size, attention, feedback, bias, kappa, is_low_rank, rank,
+                         projection, solver, anderson_memory, mitr, grad_mitr, tol, grad_tol, on_nonconvergence,
+                         causal, batch_first, False, device, dtype)
 
-        # Where A may be non-zero (None: everywhere).
-        mask = None
-        if feedback == "values":
-            mask = torch.ones(rows, width, dtype=torch.bool)
-            mask[: 2 * head_size, 2 * head_size :] = False
-        self.register_buffer("feedback_mask", mask, persistent=False)
-        # A starts small (||A||_inf about 0.4), so the head starts close to an
-        # explicit one; B as nn.Linear would initialise the k, q, v weights.
-        if is_low_rank:
-            self.L = nn.Parameter(torch.randn(rows, rank) * (0.5 / math.sqrt(rank)))
-            self.R = nn.Parameter(torch.randn(width, rank) * (0.5 / width))
-        else:
-            A = torch.randn(rows, width) * (0.5 / width)
-            self.A = nn.Parameter(A if mask is None else A.masked_fill(~mask, 0.0))
-        bound = 1.0 / math.sqrt(n_embd)
-        self.B = nn.Parameter(torch.empty(rows, n_embd).uniform_(-bound, bound))
-        if bias:
-            self.bias_hidden = nn.Parameter(torch.empty(rows).uniform_(-bound, bound))
-        self.last_stats: Optional[SolveStats] = None
+    def state(self, query, key=None, value=None, attn_mask=None, key_padding_mask=None, is_causal=None):
+        """The equilibrium [k, q, v, out] (batch, T, 4·hs) of the query tokens
+        (differentiable)."""
+        return self._output_layout(self._solve(query, key, value, attn_mask, key_padding_mask, is_causal))
 
-    def effective_A(self) -> torch.Tensor:
-        """The well-posed A (3·hs, 4·hs) the solves use (differentiable):
-        projected, and zero where ``feedback`` forbids (masking the full A
-        before projecting spends the row budget on the allowed entries only;
-        masking L Rᵀ after can only shrink its rows)."""
-        mask = self.feedback_mask
-        if self.is_low_rank:
-            A = ImplicitFunctionInf.well_posed_low_rank(self.L, self.R, self.kappa, self.projection)
-            return A if mask is None else A.masked_fill(~mask, 0.0)
-        A = self.A if mask is None else self.A.masked_fill(~mask, 0.0)
-        return ImplicitFunctionInf.well_posed(A, self.kappa, self.projection)
-
-    def activation(self, T: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Φ for sequences of length T (pre-activations (..., T, 3·hs) to
-        states (..., T, 4·hs))."""
-        return causal_activation(self.attention, T, self.B.device)
-
-    def _check_input(self, x) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 3 or x.shape[2] != self.n_embd:
-            raise ValueError(f"x must have shape (batch, T, n_embd={self.n_embd}), got shape {tuple(x.shape)}")
-        if not 1 <= x.shape[1] <= self.block_size:
-            raise ValueError(f"x has T={x.shape[1]} tokens; expected 1 <= T <= block_size={self.block_size}")
-        _check_like(x, self.B, "x")
-
-    def state(self, x: torch.Tensor) -> torch.Tensor:
-        """The equilibrium [k, q, v, out] (batch, T, 4·hs) for x (differentiable)."""
-        refuse_function_transforms(type(self).__name__)
-        self._check_input(x)
-        C0 = x @ self.B.t()
-        if self.bias:
-            C0 = C0 + self.bias_hidden
-        o = self.options
-        settings = (self.attention, o.max_iter, float(o.tol), o.grad_max_iter, float(o.grad_tol), o.method, o.memory)
-        X, stats = attention_solve(self.effective_A(), C0, *settings)
-        if torch.compiler.is_compiling():  # a compiled graph cannot read stats
-            self.last_stats = None
-        else:
-            self.last_stats = SolveStats([stats])
-            watch(stats, o.on_nonconvergence, X)
-        return X
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.state(x)[..., 3 * self.head_size :]
+    def forward(self, query, key=None, value=None, attn_mask=None, key_padding_mask=None, is_causal=None):
+        return self.state(query, key, value, attn_mask, key_padding_mask, is_causal)[..., 3 * self.head_size :]
 
     def extra_repr(self) -> str:
-        parts = [
-            f"n_embd={self.n_embd}, head_size={self.head_size}, block_size={self.block_size}",
-            f"attention={self.attention!r}, feedback={self.feedback!r}, solver={self.options.method!r}",
-            f"kappa={self.kappa}, projection={self.projection!r}",
-        ]
-        if self.is_low_rank:
-            parts.append(f"rank={self.rank}")
-        return ", ".join(parts)
+        return ", ".join([f"n_embd={self.n_embd}, head_size={self.head_size}, block_size={self.block_size}",
+                          *self._extra()])
 
 
-class ImplicitMultiHeadAttention(nn.Module):
-    r"""Causal multi-head self-attention from implicit heads: the heads'
-    outputs are concatenated, mapped back to n_embd by a linear projection,
-    then dropout. A drop-in for the attention of a small (GPT-style)
-    transformer block: (batch, T, n_embd) -> (batch, T, n_embd). It is
-    self-attention only, with one input, unlike nn.MultiheadAttention's
-    (query, key, value) call.
+class ImplicitMultiHeadAttention(_ImplicitAttention):
+    __doc__ = r"""Multi-head attention from implicit heads, all heads solved as
+    one batched fixed point (heads are a batch dimension). The heads' outputs
+    are concatenated, mapped back to n_embd by a linear projection, then
+    dropout: (batch, T, n_embd) -> (batch, T, n_embd), a drop-in for the
+    attention of a small (GPT-style) transformer block.
+
+    As nn.MultiheadAttention: ``forward(query, key=None, value=None,
+    attn_mask=None, key_padding_mask=None, is_causal=None)``. With key and
+    value None it is self-attention on query; given, it is cross-attention:
+    each memory token (of key/value) has its own implicit state [k, ·, v, ·]
+    with pre-activations [key B_k, 0, value B_v], each query token
+    [·, q, ·, out] with [0, query B_q, 0], solved jointly; query tokens attend
+    the memory tokens only. Masks are True (bool) or -inf (float) where
+    attending is NOT allowed: attn_mask (T_q, T_k) or (batch·heads, T_q, T_k),
+    key_padding_mask (batch, T_k). ``is_causal`` (default: the constructor's
+    ``causal``, True) masks j > i. Unlike nn.MultiheadAttention it returns
+    the output alone (no attention weights) and is causal and batch-first by
+    default; key and value have n_embd features (no kdim/vdim).
 
     Args:
         n_embd: features per token.
-        num_heads: number of :class:`ImplicitAttentionHead`.
-        block_size: the longest sequence accepted.
+        num_heads: number of heads.
+        block_size: the longest sequence accepted (None: any).
         head_size: per head; n_embd // num_heads if None.
-        attention: ``"softmax"`` or ``"lipschitz"``, for every head.
-        dropout: dropout probability after the projection.
-        **head_kwargs: passed to every head (kappa, solver, mitr, tol, ...).
-
-    ``last_stats`` summarises the heads' solves (see :func:`idl.implicit.merge_stats`).
+        dropout: dropout probability after the projection.""" + _HEAD_DOC_OPTIONS + r"""
+    ``last_stats`` tells what the (one) solve of the last call did. The
+    parameters are stacked: A (num_heads, 3·hs, 4·hs), B (num_heads, 3·hs,
+    n_embd); ``head_output(x)`` gives the heads' outputs (batch, heads, T, hs).
     """
 
     def __init__(
         self,
         n_embd: int,
         num_heads: int,
-        block_size: int,
+        block_size: Optional[int] = None,
         head_size: Optional[int] = None,
         attention: str = "softmax",
         dropout: float = 0.0,
-        **head_kwargs: Any,
+        feedback: str = "values",
+        bias: bool = False,
+        kappa: float = 0.99,
+        is_low_rank: bool = False,
+        rank: Optional[int] = None,
+        projection: str = "exact",
+        solver: str = "picard",
+        mitr: int = 300,
+        grad_mitr: int = 300,
+        tol: float = 3e-6,
+        grad_tol: float = 3e-6,
+        on_nonconvergence: str = "warn",
+        anderson_memory: int = 5,
+        causal: bool = True,
+        batch_first: bool = True,
+        device=None,
+        dtype=None,
     ) -> None:
-        super().__init__()
         _check_positive_int("n_embd", n_embd)
         _check_positive_int("num_heads", num_heads)
         if head_size is None:
             if n_embd % num_heads:
                 raise ValueError(
-                    f"n_embd={n_embd} is not divisible by num_heads={num_heads}; pass head_size explicitly"
+                    f"ImplicitMultiHeadAttention: n_embd={n_embd} is not divisible by num_heads={num_heads}; "
+                    "pass head_size explicitly"
                 )
             head_size = n_embd // num_heads
-        self.heads = nn.ModuleList(
-            ImplicitAttentionHead(n_embd, head_size, block_size, attention, **head_kwargs) for _ in range(num_heads)
-        )
+        super().__init__(n_embd, head_size, num_heads, block_size, attention, feedback, bias, kappa, is_low_rank,
+                         rank, projection, solver, anderson_memory, mitr, grad_mitr, tol, grad_tol,
+                         on_nonconvergence, causal, batch_first, True, None, None)
         self.proj = nn.Linear(num_heads * head_size, n_embd)
         self.dropout = nn.Dropout(dropout)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
-    @property
-    def last_stats(self) -> Optional[SolveStats]:
-        return merge_stats([head.last_stats for head in self.heads if head.last_stats is not None])
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before the heads were stacked: heads.{i}.{A, L, R, B, bias_hidden}
+        if f"{prefix}heads.0.B" in state_dict:
+            for name in ("A", "L", "R", "B", "bias_hidden"):
+                keys = [f"{prefix}heads.{i}.{name}" for i in range(self.num_heads)]
+                if all(key in state_dict for key in keys):
+                    state_dict[prefix + name] = torch.stack([state_dict.pop(key) for key in keys])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(torch.cat([head(x) for head in self.heads], dim=-1)))
+    def head_output(self, query, key=None, value=None, attn_mask=None, key_padding_mask=None, is_causal=None):
+        """Every head's output (batch, heads, T, hs), batch-first."""
+        return self._solve(query, key, value, attn_mask, key_padding_mask, is_causal)[..., 3 * self.head_size :]
+
+    def forward(self, query, key=None, value=None, attn_mask=None, key_padding_mask=None, is_causal=None):
+        out = self.head_output(query, key, value, attn_mask, key_padding_mask, is_causal)
+        out = out.transpose(1, 2).flatten(2)  # (batch, T, heads·hs)
+        return self._output_layout(self.dropout(self.proj(out)))
+
+    def extra_repr(self) -> str:
+        return ", ".join([f"n_embd={self.n_embd}, num_heads={self.num_heads}, head_size={self.head_size}, "
+                          f"block_size={self.block_size}", *self._extra()])

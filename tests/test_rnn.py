@@ -34,7 +34,7 @@ def params(cell):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cell_shapes_dtype_and_last_output(dtype):
     torch.manual_seed(0)
-    cell = ImplicitRNNCell(3, 7, 5).to(dtype)
+    cell = ImplicitRNNCell(3, 5, 7).to(dtype)
     x = torch.randn(4, 6, 3, dtype=dtype)
     outputs, h = cell(x)
     assert outputs.shape == (4, 6, 5) and h.shape == (4, 5)
@@ -45,7 +45,7 @@ def test_cell_shapes_dtype_and_last_output(dtype):
 
 def test_cell_matches_reference_with_and_without_h0():
     torch.manual_seed(1)
-    cell = ImplicitRNNCell(2, 6, 4, **TIGHT).double()
+    cell = ImplicitRNNCell(2, 4, 6, **TIGHT).double()
     with torch.no_grad():  # make the projection active on some rows
         cell.layer.A.mul_(3)
     x = torch.randn(3, 5, 2, dtype=torch.float64)
@@ -59,7 +59,7 @@ def test_cell_matches_reference_with_and_without_h0():
 
 def test_each_step_is_the_inner_models_output_and_warm_started(monkeypatch):
     torch.manual_seed(2)
-    cell = ImplicitRNNCell(2, 5, 3, **TIGHT).double()
+    cell = ImplicitRNNCell(2, 3, 5, **TIGHT).double()
     x = torch.randn(4, 4, 2, dtype=torch.float64)
     starts, states = [], []
     solve = cell.layer.forward_with_state
@@ -85,7 +85,7 @@ def test_each_step_is_the_inner_models_output_and_warm_started(monkeypatch):
 
 def test_causal():
     torch.manual_seed(3)
-    cell = ImplicitRNNCell(2, 5, 3, **TIGHT).double()
+    cell = ImplicitRNNCell(2, 3, 5, **TIGHT).double()
     x = torch.randn(2, 6, 2, dtype=torch.float64)
     changed = x.clone()
     changed[:, 4:] += torch.randn(2, 2, 2, dtype=torch.float64)
@@ -111,7 +111,7 @@ def test_stats_merge_steps_and_report_the_backward():
 
 def test_gradients_match_backprop_through_the_reference():
     torch.manual_seed(5)
-    cell = ImplicitRNNCell(2, 5, 3, **TIGHT).double()
+    cell = ImplicitRNNCell(2, 3, 5, **TIGHT).double()
     x = torch.randn(3, 4, 2, dtype=torch.float64, requires_grad=True)
     h0 = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
     weights = torch.randn(3, 4, 3, dtype=torch.float64)
@@ -181,7 +181,7 @@ def test_nonconvergence_is_reported():
     "x, h0, error, match",
     [
         ([[1.0]], None, TypeError, "x must be a torch.Tensor"),
-        (torch.randn(5, 2), None, ValueError, "unsqueeze"),
+        (torch.randn(5, 2), None, ValueError, "add a batch dimension"),
         (torch.randn(2, 5, 3), None, ValueError, "input_dim=2"),
         (torch.randn(2, 0, 2), None, ValueError, "seq_len"),
         (torch.randn(2, 5, 2, dtype=torch.float64), None, TypeError, "dtype"),
