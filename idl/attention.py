@@ -40,14 +40,9 @@ from torch import nn
 
 from . import functional as F
 from ._ops import not_differentiable
+from ._checks import autocasting, check_like, check_positive_int
 from ._stats import ImplicitFunctionWarning, SolveStats, is_traced, new_stats, watch
-from .implicit import (
-    _autocasting,
-    _check_like,
-    _check_positive_int,
-    check_well_posedness,
-    refuse_function_transforms,
-)
+from .implicit import check_well_posedness, refuse_function_transforms
 
 ATTENTIONS = ("softmax", "lipschitz")
 FEEDBACKS = ("values", "full")
@@ -591,18 +586,18 @@ class _ImplicitAttention(nn.Module):
                  on_nonconvergence, causal, batch_first, stacked, device, dtype):
         super().__init__()
         who = type(self).__name__
-        _check_positive_int("n_embd", n_embd)
-        _check_positive_int("head_size", head_size)
+        check_positive_int("n_embd", n_embd)
+        check_positive_int("head_size", head_size)
         if block_size is not None:
-            _check_positive_int("block_size", block_size)
+            check_positive_int("block_size", block_size)
         if attention not in ATTENTIONS:
             raise ValueError(f"{who}: attention must be one of {ATTENTIONS}, got {attention!r}")
         if feedback not in FEEDBACKS:
             raise ValueError(f"{who}: feedback must be one of {FEEDBACKS}, got {feedback!r}")
         rows, width = 3 * head_size, 4 * head_size
         check_well_posedness(kappa, projection, is_low_rank, rank, rows, f"3 * head_size = {rows}")
-        mitr = _check_positive_int("mitr", mitr)
-        grad_mitr = _check_positive_int("grad_mitr", grad_mitr)
+        mitr = check_positive_int("mitr", mitr)
+        grad_mitr = check_positive_int("grad_mitr", grad_mitr)
         self.options = F.SolverOptions(mitr, tol, grad_mitr, grad_tol, on_nonconvergence, method=solver,
                                        memory=anderson_memory)
         self.n_embd, self.head_size, self.num_heads, self.block_size = n_embd, head_size, num_heads, block_size
@@ -686,7 +681,7 @@ class _ImplicitAttention(nn.Module):
             raise ValueError(
                 f"{who}: {name} has T={t.shape[1]} tokens; expected 1 <= T <= block_size={self.block_size}"
             )
-        _check_like(t, self.B, name)
+        check_like(t, self.B, name)
         return t
 
     def _masks(self, batch, Tq, Tk, attn_mask, key_padding_mask, device):
@@ -736,7 +731,7 @@ class _ImplicitAttention(nn.Module):
         Tk = key.shape[1] if cross else Tq
         allowed = self._masks(batch, Tq, Tk, attn_mask, key_padding_mask, query.device)
         o = self.options
-        if _autocasting(query):  # solve in the parameters' dtype, whatever autocast says
+        if autocasting(query):  # solve in the parameters' dtype, whatever autocast says
             with torch.autocast(query.device.type, enabled=False):
                 dtype = self.B.dtype
                 return self._solve_inputs(query.to(dtype), None if not cross else key.to(dtype),
@@ -989,8 +984,8 @@ class ImplicitMultiHeadAttention(_ImplicitAttention):
         device=None,
         dtype=None,
     ) -> None:
-        _check_positive_int("n_embd", n_embd)
-        _check_positive_int("num_heads", num_heads)
+        check_positive_int("n_embd", n_embd)
+        check_positive_int("num_heads", num_heads)
         if head_size is None:
             if n_embd % num_heads:
                 raise ValueError(

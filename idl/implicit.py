@@ -1,7 +1,6 @@
 """Implicit functions (how A is kept well-posed, which activation) and
 ImplicitModel, the drop-in nn.Module."""
 import math
-import operator
 import warnings
 from typing import Optional, Type
 
@@ -9,6 +8,7 @@ import torch
 from torch import nn
 
 from . import functional as F
+from ._checks import autocasting, check_finite_float, check_like, check_positive_int
 from ._ops import ops
 from ._stats import SolveStats, new_stats, watch
 
@@ -105,24 +105,6 @@ class ImplicitFunctionTriu(ImplicitFunction):
         return torch.triu(A, diagonal=1)
 
 
-def as_int(name, value) -> int:
-    """``value`` as an int: any integer (numpy's too, as nn.Linear takes them),
-    not a bool or a float."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-
-
-def _check_positive_int(name, value, allow_zero=False) -> int:
-    value = as_int(name, value)
-    if value < (0 if allow_zero else 1):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '>= 1'}, got {value}")
-    return value
-
-
 def check_well_posedness(kappa, projection, is_low_rank, rank, max_rank, max_rank_text):
     """Checks the settings that keep A well-posed (shared by every implicit
     layer): kappa in (0, 1], a known projection, and with is_low_rank a rank
@@ -138,17 +120,10 @@ def check_well_posedness(kappa, projection, is_low_rank, rank, max_rank, max_ran
     if is_low_rank:
         if rank is None:
             raise ValueError("rank is required when is_low_rank=True")
-        rank = _check_positive_int("rank", rank)
+        rank = check_positive_int("rank", rank)
         if rank > max_rank:
             raise ValueError(f"rank must be <= {max_rank_text}, got {rank}")
     return kappa, rank
-
-
-def _check_finite_float(name, value) -> float:
-    value = F.as_float(name, value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
 
 
 class ImplicitModel(nn.Module):
@@ -211,9 +186,9 @@ class ImplicitModel(nn.Module):
         anderson_memory: int = 5,
     ) -> None:
         super().__init__()
-        input_dim = _check_positive_int("input_dim", input_dim)
-        output_dim = _check_positive_int("output_dim", output_dim)
-        hidden_dim = _check_positive_int("hidden_dim", hidden_dim)
+        input_dim = check_positive_int("input_dim", input_dim)
+        output_dim = check_positive_int("output_dim", output_dim)
+        hidden_dim = check_positive_int("hidden_dim", hidden_dim)
         if not (isinstance(f, type) and issubclass(f, ImplicitFunction)):
             raise TypeError(f"f must be a subclass of idl.ImplicitFunction, got {f!r}")
         f.check_activation()
@@ -225,15 +200,15 @@ class ImplicitModel(nn.Module):
             )
         kappa, rank = check_well_posedness(kappa, projection, is_low_rank, rank, hidden_dim,
                                            f"hidden_dim={hidden_dim}")
-        negative_slope = _check_finite_float("negative_slope", negative_slope)
+        negative_slope = check_finite_float("negative_slope", negative_slope)
         if activation == "leaky_relu" and abs(negative_slope) > 1:
             # ||A||_inf < 1 makes the fixed point unique only for a 1-Lipschitz φ
             raise ValueError(
                 f"negative_slope must be in [-1, 1] (leaky_relu must be 1-Lipschitz for the "
                 f"model to be well-posed), got {negative_slope}"
             )
-        mitr = _check_positive_int("mitr", mitr)  # named as the user wrote them;
-        grad_mitr = _check_positive_int("grad_mitr", grad_mitr)  # SolverOptions checks the rest
+        mitr = check_positive_int("mitr", mitr)  # named as the user wrote them;
+        grad_mitr = check_positive_int("grad_mitr", grad_mitr)  # SolverOptions checks the rest
         self.options = F.SolverOptions(
             mitr, tol, grad_mitr, grad_tol, on_nonconvergence, method=solver, memory=anderson_memory
         )
@@ -300,14 +275,14 @@ class ImplicitModel(nn.Module):
                 f"U has {U.shape[1]} features per sample (after flattening), "
                 f"expected input_dim={self.input_dim}"
             )
-        _check_like(U, self.B, "U")
+        check_like(U, self.B, "U")
         if X0 is not None:
             if not isinstance(X0, torch.Tensor):
                 raise TypeError(f"X0 must be a torch.Tensor or None, got {type(X0).__name__}")
             expected = (U.shape[0], self.hidden_dim)
             if tuple(X0.shape) != expected:
                 raise ValueError(f"X0 must have shape {expected}, got {tuple(X0.shape)}")
-            _check_like(X0, self.B, "X0")
+            check_like(X0, self.B, "X0")
         return U
 
     def forward(self, U: torch.Tensor, X0: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -338,7 +313,7 @@ class ImplicitModel(nn.Module):
         parameters' dtype (the solve's tolerance needs it), whatever lower
         precision autocast gave U."""
         refuse_function_transforms(type(self).__name__)
-        if _autocasting(U):
+        if autocasting(U):
             device = U.device.type
             with torch.autocast(device, enabled=False):
                 dtype = self.B.dtype
@@ -415,28 +390,3 @@ def refuse_function_transforms(who: str) -> None:
         f"{transform}): use torch.autograd.grad for gradients, and a loop over samples instead "
         "of vmap (an implicit layer is row-wise: a batch is already a loop over samples)"
     )
-
-
-def _autocasting(t: torch.Tensor) -> bool:
-    if not torch._C._is_any_autocast_enabled():  # the common case, quickly
-        return False
-    device = t.device.type
-    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-
-
-def _check_like(t: torch.Tensor, param: torch.Tensor, name: str) -> None:
-    if not t.is_floating_point():
-        raise TypeError(
-            f"{name} has dtype {t.dtype}, but an implicit model computes in floating point; "
-            f"convert it (e.g. {name}.to({param.dtype}))"
-        )
-    if t.dtype != param.dtype and not _autocasting(t):
-        raise TypeError(
-            f"{name} has dtype {t.dtype} but the model's parameters are {param.dtype}; "
-            f"convert one of them (e.g. model.to({t.dtype}))"
-        )
-    if t.device != param.device:
-        raise ValueError(
-            f"{name} is on {t.device} but the model's parameters are on {param.device}; "
-            f"move one of them (e.g. model.to({str(t.device)!r}))"
-        )

@@ -24,7 +24,8 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from ._stats import SolveStats, merge_stats
-from .implicit import ImplicitModel, _check_like, _check_positive_int
+from ._checks import check_like, check_positive_int
+from .implicit import ImplicitModel
 
 # The keyword arguments a cell forwards to ImplicitModel.
 _IMPLICIT_KWARGS = tuple(
@@ -60,7 +61,7 @@ def _check_sequence(who, x, input_dim: int, batch_first: bool, like: torch.Tenso
         x = x.transpose(0, 1)
     if x.shape[1] == 0:
         raise ValueError(f"{who}: x must hold at least one time step (seq_len >= 1), got seq_len=0")
-    _check_like(x, like, "x")
+    check_like(x, like, "x")
     return x
 
 
@@ -128,9 +129,9 @@ class ImplicitRNNCell(nn.Module):
         super().__init__()
         who = type(self).__name__
         _check_kwargs(who, implicit_kwargs)
-        _check_positive_int("input_dim", input_dim)
-        _check_positive_int("implicit_hidden_dim", implicit_hidden_dim)
-        _check_positive_int("hidden_dim", hidden_dim)
+        check_positive_int("input_dim", input_dim)
+        check_positive_int("implicit_hidden_dim", implicit_hidden_dim)
+        check_positive_int("hidden_dim", hidden_dim)
         self.input_dim, self.hidden_dim, self.batch_first = input_dim, hidden_dim, bool(batch_first)
         self.layer = ImplicitModel(
             input_dim=input_dim + hidden_dim,
@@ -161,7 +162,7 @@ class ImplicitRNNCell(nn.Module):
         expected = (batch, self.hidden_dim)
         if tuple(h0.shape) != expected:
             raise ValueError(f"{who}: h0 must have shape (batch, hidden_dim) = {expected}, got {tuple(h0.shape)}")
-        _check_like(h0, self.layer.B, "h0")
+        check_like(h0, self.layer.B, "h0")
         return h0
 
     def run(self, x: torch.Tensor, h0: Optional[torch.Tensor], lengths: Optional[torch.Tensor],
@@ -268,11 +269,11 @@ class ImplicitRNN(nn.Module):
         super().__init__()
         who = type(self).__name__
         _check_kwargs(who, implicit_kwargs)
-        _check_positive_int("input_dim", input_dim)
-        _check_positive_int("output_dim", output_dim)
-        _check_positive_int("hidden_dim", hidden_dim)
-        _check_positive_int("implicit_hidden_dim", implicit_hidden_dim)
-        num_layers = _check_positive_int("num_layers", num_layers)
+        check_positive_int("input_dim", input_dim)
+        check_positive_int("output_dim", output_dim)
+        check_positive_int("hidden_dim", hidden_dim)
+        check_positive_int("implicit_hidden_dim", implicit_hidden_dim)
+        num_layers = check_positive_int("num_layers", num_layers)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
             raise ValueError(f"{who}: dropout must be a probability in [0, 1], got {dropout!r}")
         self.input_dim, self.output_dim, self.hidden_dim = input_dim, output_dim, hidden_dim
@@ -317,7 +318,7 @@ class ImplicitRNN(nn.Module):
             also = " or (batch, hidden_dim)" if count == 1 else ""
             raise ValueError(f"{who}: h0 must have shape (num_layers * directions, batch, hidden_dim) = "
                              f"{expected}{also}, got {tuple(h0.shape)}")
-        _check_like(h0, self.recurrent.layer.B, "h0")
+        check_like(h0, self.recurrent.layer.B, "h0")
         return list(h0.unbind(0))
 
     def sequence(self, x: Union[torch.Tensor, PackedSequence], h0: Optional[torch.Tensor] = None, lengths=None):

@@ -103,7 +103,8 @@ def implicit_function_for(activation_fn, well_posed: bool):
     return cls
 
 
-def _inf_norm(A: torch.Tensor) -> float:
+def inf_norm(A: torch.Tensor) -> float:
+    """||A||_inf, the largest absolute row sum, accumulated in float64."""
     return A.abs().sum(dim=1, dtype=torch.float64).max().item() if A.numel() else 0.0
 
 
@@ -118,7 +119,7 @@ def implicit_model_from_weights(A, B, C, D, activation_fn, kappa: float, atol: f
     may not be well-posed.
     """
     n, p, q = A.shape[0], B.shape[1], C.shape[0]
-    norm = _inf_norm(A)
+    norm = inf_norm(A)
     well_posed = norm <= kappa
     if not well_posed:
         logger.warning(

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .. import functional as F
+from .._checks import check_positive_int
 from ..implicit import ImplicitModel
 from .fitted import implicit_model_from_weights
 from .solvers.base import BaseSolver
@@ -142,8 +143,7 @@ class SIM(nn.Module):
         if skip_layers is not None and (isinstance(skip_layers, bool) or not isinstance(skip_layers, int)
                                         or skip_layers < 0):
             raise ValueError(f"skip_layers must be None or an int >= 0, got {skip_layers!r}")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
+        max_iter = check_positive_int("max_iter", max_iter)
         if not isinstance(prepare_teacher, bool):
             raise TypeError(f"prepare_teacher must be a bool, got {prepare_teacher!r}")
         if fit_bias is not None and not isinstance(fit_bias, bool):

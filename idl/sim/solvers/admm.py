@@ -1,6 +1,7 @@
 """ADMMSolver: torchidl's ADMM solver, by name and options, on the batched
 ADMM engine of BatchedProxSolver."""
-from .base import Stage, check_nonnegative, check_positive_int
+from ..._checks import check_positive_int
+from .base import Stage, check_nonnegative
 from .batched import BatchedProxSolver
 
 

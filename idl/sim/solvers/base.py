@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ... import functional as F
-from ..fitted import implicit_model_from_weights
+from ..fitted import implicit_model_from_weights, inf_norm
 
 logger = logging.getLogger(__name__)
 
@@ -105,11 +105,6 @@ def as_state_tensors(X, U, Z, Y) -> Tuple[torch.Tensor, ...]:
     return X, U, Z, Y
 
 
-def inf_norm(A: torch.Tensor) -> float:
-    """||A||_inf, the largest absolute row sum, accumulated in float64."""
-    return A.abs().sum(dim=1, dtype=torch.float64).max().item() if A.numel() else 0.0
-
-
 def into_ball(A: torch.Tensor, kappa: float, dtype: torch.dtype) -> torch.Tensor:
     """A in ``dtype`` with ||A||_inf <= kappa exactly (row sums of the stored
     values, in float64). Rows outside get the exact projection onto the l1 ball;
@@ -160,13 +155,6 @@ def check_nonnegative(name, value):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not (value >= 0 and np.isfinite(value)):
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-
-
-def check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 class StagedSolver(BaseSolver):

@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 
 from .row_admm import admm
-from .base import Stage, StagedSolver, check_nonnegative, check_positive_int
+from ..._checks import check_positive_int
+from .base import Stage, StagedSolver, check_nonnegative
 from .._progress import progress_bar
 from .distributed import active_group, assemble_rows, local_rows
 from .row_fista import fista

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 
 from .._progress import progress_bar
-from .base import Stage, StagedSolver, check_nonnegative, check_positive_int
+from ..._checks import check_positive_int
+from .base import Stage, StagedSolver, check_nonnegative
 from .distributed import active_group, assemble_rows, local_rows
 
 logger = logging.getLogger(__name__)

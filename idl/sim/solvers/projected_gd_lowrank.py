@@ -7,7 +7,8 @@ import torch
 
 from ... import functional as F
 from .._progress import progress_bar
-from .base import Stage, StagedSolver, check_nonnegative, check_positive_int
+from ..._checks import check_positive_int
+from .base import Stage, StagedSolver, check_nonnegative
 from .least_squares import least_squares_rows
 
 logger = logging.getLogger(__name__)
