@@ -127,6 +127,19 @@ def _solve_backward(ctx, grad_X, _grad_Z, _grad_stats):
 torch.library.register_autograd("idl::fixed_point", _solve_backward, setup_context=_solve_setup)
 
 
+# ---- SIM's prox (csrc/sim_ops.cpp) ---------------------------------------------
+
+
+@torch.library.register_fake("idl::prox_l1_ball")
+def _(W, threshold, radius, ball_cols):
+    _check_matrix(W, "W")
+    torch._check_value(threshold.dim() == 1 and threshold.shape[0] == W.shape[0], lambda: (
+        f"idl: threshold must be a 1-D tensor with one entry per row of W ({W.shape[0]}), "
+        f"got shape {list(threshold.shape)}"))
+    _check_same_kind(threshold, W, "threshold", "W")
+    return _contiguous_like(W)
+
+
 # ---- the backward ops themselves -------------------------------------------
 #
 # They are not differentiable. Saying so gives a clear error on a second

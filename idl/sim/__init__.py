@@ -14,7 +14,6 @@ rescaled so that an exact well-posed embedding exists), biases are fitted, and
 [C D] is fitted on regenerated states: see :class:`SIM`. Progress and results
 are logged on the ``idl.sim`` logger.
 """
-from . import _prox_ops  # noqa: F401  (fake kernel of idl::prox_l1_ball)
 from .rescale import balance_hidden_norms
 from .sim import SIM
 from .states import ACTIVATION_TYPES, States, capture_states, load_states, save_states

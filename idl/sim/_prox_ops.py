@@ -1,21 +1,9 @@
-"""The prox operator of SIM's batched solvers: ``idl::prox_l1_ball``.
-
-The op is registered in C++ (csrc/sim_ops.cpp) with a CPU kernel in C
-(csrc/cpu/prox.c) and a CUDA kernel (csrc/cuda/prox.cu). This module adds its
-fake kernel (for torch.compile and meta tensors) and the entry point the
-solvers call.
-"""
+"""The entry point SIM's batched solvers call for their prox operator,
+``idl::prox_l1_ball`` (registered in C++, csrc/sim_ops.cpp, with a CPU kernel
+in C and a CUDA kernel; its fake kernel is in idl/_ops.py with the others)."""
 import torch
 
-from .. import _ops  # noqa: F401  (loads idl._C, which registers the op)
-
-OP_NAME = "idl::prox_l1_ball"
-
-
-@torch.library.register_fake(OP_NAME)
-def _(W, threshold, radius, ball_cols):
-    torch._check(threshold.dim() == 1 and threshold.shape[0] == W.shape[0])
-    return torch.empty_like(W, memory_format=torch.contiguous_format)
+from .._ops import ops
 
 
 def prox_l1_ball(W: torch.Tensor, threshold, radius: float, ball_cols: int) -> torch.Tensor:
@@ -30,4 +18,4 @@ def prox_l1_ball(W: torch.Tensor, threshold, radius: float, ball_cols: int) -> t
     if not isinstance(threshold, torch.Tensor):
         threshold = torch.full((1,), float(threshold), dtype=W.dtype, device=W.device)
         threshold = threshold.expand(W.shape[0])
-    return torch.ops.idl.prox_l1_ball(W, threshold, float(radius), int(ball_cols))
+    return ops.prox_l1_ball(W, threshold, float(radius), int(ball_cols))
