@@ -6,7 +6,9 @@ Recipe: ImplicitModel(784, 10, 100) (ReLU, A projected onto the inf-norm ball
 of radius 0.99 before each solve), Adam (lr 1e-3), batch 64, inputs in [-1, 1],
 one fixed shuffle of the 60,000 training images per seed. The clock runs over
 training steps only; test accuracy (all 10,000 test images) is measured every
---eval-every steps with the clock stopped. Each contender trains until its
+--eval-every steps with the clock stopped. The contenders take turns of
+--eval-every steps (so that drifting load on a shared machine falls on all of
+them alike). Each contender trains until its
 test accuracy reaches --target (0.95) or its --budget of training seconds is
 spent; for the final-accuracy comparison, it trains on after the target to
 --final-steps steps in all (or --extra seconds), within the budget.
@@ -139,35 +141,42 @@ def accuracy(model, U, y, chunk=2000):
     return hits / len(U)
 
 
-def train(make, data, args, seed):
-    """Curve of (training seconds, steps, test accuracy), and the seconds to
-    reach the target (None if never)."""
-    U_train, y_train, U_test, y_test = data
-    torch.manual_seed(seed)
-    model = make()
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    order = torch.randperm(len(U_train), generator=torch.Generator().manual_seed(seed))
-    curve, clock, step, reached, stop_at = [(0.0, 0, accuracy(model, U_test, y_test))], 0.0, 0, None, args.budget
-    while clock < stop_at:
+class Run:
+    """One contender's training, advanced --eval-every steps at a time, so
+    that the contenders can take turns (load on a shared machine drifts; taking
+    turns spreads it over all of them)."""
+
+    def __init__(self, make, data, args, seed):
+        self.data, self.args = data, args
+        torch.manual_seed(seed)  # the same initial weights for the same recipe
+        self.model = make()
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr)
+        self.order = torch.randperm(len(data[0]), generator=torch.Generator().manual_seed(seed))
+        self.clock, self.step, self.reached, self.done = 0.0, 0, None, False
+        self.curve = [(0.0, 0, accuracy(self.model, data[2], data[3]))]
+
+    def advance(self):
+        U_train, y_train, U_test, y_test = self.data
+        args = self.args
         start = time.perf_counter()
         for _ in range(args.eval_every):
-            at = (step * args.batch) % len(U_train)
-            rows = order[at:at + args.batch]
-            optimizer.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(U_train[rows]), y_train[rows]).backward()
-            optimizer.step()
-            step += 1
-        clock += time.perf_counter() - start
-        acc = accuracy(model, U_test, y_test)
-        curve.append((clock, step, acc))
-        if reached is None and acc >= args.target:
-            reached = clock
-            stop_at = min(args.budget, clock + args.extra) if args.extra > 0 else clock
-        if reached is not None and args.final_steps and step < args.final_steps:
-            stop_at = args.budget  # train on to final_steps for the final accuracy
-        elif reached is not None and args.final_steps:
-            break
-    return curve, reached
+            at = (self.step * args.batch) % len(U_train)
+            rows = self.order[at:at + args.batch]
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(self.model(U_train[rows]), y_train[rows])
+            loss.backward()
+            self.optimizer.step()
+            self.step += 1
+        self.clock += time.perf_counter() - start
+        acc = accuracy(self.model, U_test, y_test)
+        self.curve.append((self.clock, self.step, acc))
+        if self.reached is None and acc >= args.target:
+            self.reached = self.clock
+        if self.clock >= args.budget:
+            self.done = True
+        elif self.reached is not None:
+            self.done = (self.step >= args.final_steps if args.final_steps
+                         else self.clock >= self.reached + args.extra)
 
 
 def main():
@@ -204,19 +213,28 @@ def main():
           f"lr {args.lr}, target {args.target}, budget {args.budget:.0f} s, seeds {args.seeds}\n")
     print("| contender | seed | s to target | steps to target | ms / step | best acc | final acc |")
     print("|---|---|---|---|---|---|---|")
-    results = {}
+    runs = {}
     for name in names:
         for seed in args.seeds:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                curve, reached = train(found[name], data, args, seed)
-            steps_at = next((s for t, s, a in curve if a >= args.target), None)
-            ms = 1000 * curve[-1][0] / max(curve[-1][1], 1)
-            best = max(a for _, _, a in curve)
-            print(f"| {name} | {seed} | {'-' if reached is None else f'{reached:.1f}'} | "
-                  f"{'-' if steps_at is None else steps_at} | {ms:.2f} | {best:.4f} | "
-                  f"{curve[-1][2]:.4f} |", flush=True)
-            results[f"{name} / seed {seed}"] = {"curve": curve, "reached": reached}
+                runs[(name, seed)] = Run(found[name], data, args, seed)
+    while not all(r.done for r in runs.values()):
+        for run in runs.values():  # one turn each
+            if not run.done:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    run.advance()
+    results = {}
+    for (name, seed), run in runs.items():
+        curve, reached = run.curve, run.reached
+        steps_at = next((s for t, s, a in curve if a >= args.target), None)
+        ms = 1000 * curve[-1][0] / max(curve[-1][1], 1)
+        best = max(a for _, _, a in curve)
+        print(f"| {name} | {seed} | {'-' if reached is None else f'{reached:.1f}'} | "
+              f"{'-' if steps_at is None else steps_at} | {ms:.2f} | {best:.4f} | "
+              f"{curve[-1][2]:.4f} |", flush=True)
+        results[f"{name} / seed {seed}"] = {"curve": curve, "reached": reached}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     if args.plot:

@@ -137,6 +137,28 @@ at::Tensor well_posed_backward(const at::Tensor& grad, const at::Tensor& A, cons
     return grad;
 }
 
+// The ops a layer's settings need beyond idl::fixed_point and
+// idl::fixed_point_adjoint must have a kernel on its device (CPU only for
+// now): refused at the forward call, with a clear message, rather than in
+// the backward pass with the dispatcher's.
+void check_device_supports(const Settings& s, const at::Tensor& like) {
+    if (like.device().is_cpu() || like.device().is_meta()) return;
+    const auto key = c10::computeDispatchKey(std::nullopt, like.layout(), like.device());
+    auto has = [&](const char* name) {
+        return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").hasKernelForDispatchKey(key);
+    };
+    TORCH_CHECK_NOT_IMPLEMENTED(!forward_needs_rel(s) || has("idl::fixed_point_rel"),
+                                "idl: rtol and solver='auto' are not implemented on ",
+                                like.device().type(), " yet");
+    TORCH_CHECK_NOT_IMPLEMENTED(s.backward != "implicit" || !backward_needs_rel(s) ||
+                                    has("idl::fixed_point_adjoint_rel"),
+                                "idl: grad_rtol and solver='auto' are not implemented on ",
+                                like.device().type(), " yet");
+    TORCH_CHECK_NOT_IMPLEMENTED(s.backward == "implicit" || has("idl::phantom_adjoint"),
+                                "idl: backward='", s.backward, "' is not implemented on ",
+                                like.device().type(), " yet");
+}
+
 // ---- forward ---------------------------------------------------------------
 
 void check_vector(const OptTensor& v, int64_t size, const at::Tensor& ref, const char* name) {
@@ -180,6 +202,7 @@ void check_layer_args(const at::Tensor& U, const at::Tensor& A, const at::Tensor
     check_vector(bias_out, q, A, "bias_out");
     check_settings(s);
     if (is_projection(s)) idl_checks::check_kappa(s.kappa);
+    check_device_supports(s, A);
 }
 
 // Multiply-adds of the layer's largest product, forward or backward: U (m, p),
