@@ -72,8 +72,8 @@ inline idl_solver parse_solver(c10::string_view method, int64_t max_iter, double
                       " must be a finite number >= 0, got ", tol);
     TORCH_CHECK_VALUE(rtol >= 0.0 && std::isfinite(rtol), "idl: ", rtol_name,
                       " must be a finite number >= 0, got ", rtol);
-    idl_solver solver{IDL_PICARD, max_iter, tol, memory, kAndersonRegularization};
-    solver.rtol = rtol;
+    // switch_ratio, switch_patience 0: idl.h's defaults
+    idl_solver solver{IDL_PICARD, max_iter, tol, memory, kAndersonRegularization, rtol, 0.0, 0};
     if (method == "anderson" || method == "auto") {
         TORCH_CHECK_VALUE(memory >= 1 && memory <= IDL_ANDERSON_MAX_MEMORY,
                           "idl: anderson memory must be in [1, ", IDL_ANDERSON_MAX_MEMORY,
