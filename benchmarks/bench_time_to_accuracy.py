@@ -110,6 +110,8 @@ def contenders():
         "idl phantom(5,0.5) picard": idl_model("picard", "phantom"),
         "idl phantom(5,0.5) auto": idl_model("auto", "phantom"),
         "idl jfb picard": idl_model("picard", "jfb"),
+        "idl phantom(5,0.5) picard rtol1e-3": idl_model("picard", "phantom", rtol=1e-3),
+        "idl jfb picard rtol1e-3": idl_model("picard", "jfb", rtol=1e-3),
     }
     try:
         import torchidl  # noqa: F401
@@ -127,8 +129,8 @@ def contenders():
     return found
 
 
-QUICK = ["idl implicit picard", "idl implicit auto", "idl jfb picard", "torchidl",
-         "torchdeq anderson phantom(5,0.5)"]
+QUICK = ["idl implicit picard", "idl phantom(5,0.5) picard rtol1e-3", "idl jfb picard rtol1e-3",
+         "torchidl", "torchdeq picard phantom(5,0.5)"]
 
 
 # ---- training --------------------------------------------------------------------
