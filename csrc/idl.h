@@ -102,7 +102,7 @@ typedef struct {
 typedef enum { IDL_PICARD = 0, IDL_ANDERSON = 1, IDL_AUTO = 2 } idl_method;
 
 #define IDL_ANDERSON_MAX_MEMORY 16
-#define IDL_AUTO_SWITCH_RATIO 0.6
+#define IDL_AUTO_SWITCH_RATIO 0.8
 #define IDL_AUTO_SWITCH_PATIENCE 3
 
 typedef struct {

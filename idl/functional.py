@@ -53,7 +53,7 @@ def check_kappa(kappa) -> float:
 
 METHODS = ("picard", "anderson", "auto")
 BACKWARDS = ("implicit", "phantom", "jfb")
-AUTO_SWITCH_RATIO = 0.6  # IDL_AUTO_SWITCH_RATIO in csrc/idl.h
+AUTO_SWITCH_RATIO = 0.8  # IDL_AUTO_SWITCH_RATIO in csrc/idl.h
 AUTO_SWITCH_PATIENCE = 3  # IDL_AUTO_SWITCH_PATIENCE in csrc/idl.h
 ANDERSON_MAX_MEMORY = 16  # IDL_ANDERSON_MAX_MEMORY in csrc/idl.h
 ANDERSON_REGULARIZATION = 1e-10  # kAndersonRegularization in csrc/ops.cpp
