@@ -60,20 +60,28 @@ inline idl_act parse_activation(c10::string_view name, double slope) {
 // to keep the small systems solvable, far below what would slow convergence.
 constexpr double kAndersonRegularization = 1e-10;
 
+// method: "picard", "anderson" or "auto" (Picard, each sample switching to
+// Anderson once it contracts slowly: see idl.h). rtol: the relative part of the
+// stopping test, tol + rtol ||g(x)||_inf.
 inline idl_solver parse_solver(c10::string_view method, int64_t max_iter, double tol,
                                int64_t memory, const char* max_iter_name = "max_iter",
-                               const char* tol_name = "tol") {
+                               const char* tol_name = "tol", double rtol = 0.0,
+                               const char* rtol_name = "rtol") {
     TORCH_CHECK_VALUE(max_iter >= 1, "idl: ", max_iter_name, " must be >= 1, got ", max_iter);
     TORCH_CHECK_VALUE(tol >= 0.0 && std::isfinite(tol), "idl: ", tol_name,
                       " must be a finite number >= 0, got ", tol);
-    idl_solver solver{IDL_PICARD, max_iter, tol, memory, kAndersonRegularization};
-    if (method == "anderson") {
+    TORCH_CHECK_VALUE(rtol >= 0.0 && std::isfinite(rtol), "idl: ", rtol_name,
+                      " must be a finite number >= 0, got ", rtol);
+    // switch_ratio, switch_patience 0: idl.h's defaults
+    idl_solver solver{IDL_PICARD, max_iter, tol, memory, kAndersonRegularization, rtol, 0.0, 0};
+    if (method == "anderson" || method == "auto") {
         TORCH_CHECK_VALUE(memory >= 1 && memory <= IDL_ANDERSON_MAX_MEMORY,
                           "idl: anderson memory must be in [1, ", IDL_ANDERSON_MAX_MEMORY,
                           "], got ", memory);
-        solver.method = IDL_ANDERSON;
+        solver.method = method == "auto" ? IDL_AUTO : IDL_ANDERSON;
     } else {
-        TORCH_CHECK_VALUE(method == "picard", "idl: method must be 'picard' or 'anderson', got '",
+        TORCH_CHECK_VALUE(method == "picard",
+                          "idl: method must be 'picard', 'anderson' or 'auto', got '",
                           std::string(method), "'");
     }
     return solver;
@@ -152,15 +160,38 @@ inline SolveArgs check_fixed_point_args(const at::Tensor& A, const at::Tensor& C
     return args;
 }
 
+// The solves with a relative tolerance (idl::fixed_point_rel and
+// idl::fixed_point_adjoint_rel, CPU only for now).
+inline SolveArgs check_fixed_point_rel_args(const at::Tensor& A, const at::Tensor& C0,
+                                            const c10::optional<at::Tensor>& X0,
+                                            c10::string_view activation, double slope,
+                                            int64_t max_iter, double tol, double rtol,
+                                            c10::string_view method, int64_t memory) {
+    check_square_with(A, C0, "C0");
+    if (X0.has_value()) {
+        check_same(*X0, C0, "X0", "C0");
+        TORCH_CHECK_VALUE(X0->sizes() == C0.sizes(), "idl: X0 must have shape ", C0.sizes(),
+                          ", got ", X0->sizes());
+    }
+    return SolveArgs{parse_activation(activation, slope),
+                     parse_solver(method, max_iter, tol, memory, "max_iter", "tol", rtol)};
+}
+
+inline void check_phantom(int64_t steps, double tau) {
+    TORCH_CHECK_VALUE(steps >= 1, "idl: phantom_steps must be >= 1, got ", steps);
+    TORCH_CHECK_VALUE(tau > 0.0 && tau <= 1.0, "idl: phantom_tau must be in (0, 1], got ", tau);
+}
+
 inline SolveArgs check_adjoint_args(const at::Tensor& A, const at::Tensor& Z, const at::Tensor& G,
                                     c10::string_view activation, double slope, int64_t max_iter,
-                                    double tol, c10::string_view method, int64_t memory) {
+                                    double tol, c10::string_view method, int64_t memory,
+                                    double rtol = 0.0) {
     check_square_with(A, Z, "Z");
     check_same(G, Z, "G", "Z");
     TORCH_CHECK_VALUE(G.sizes() == Z.sizes(), "idl: G must have shape ", Z.sizes(), ", got ",
                       G.sizes());
     return SolveArgs{parse_activation(activation, slope),
-                     parse_solver(method, max_iter, tol, memory)};
+                     parse_solver(method, max_iter, tol, memory, "max_iter", "tol", rtol)};
 }
 
 }  // namespace idl_checks

@@ -83,15 +83,27 @@ typedef struct {
 } idl_matmul;
 
 /* How a solve iterates and when it stops: at `max_iter` iterations, or once
- * every sample's residual ||g(x_k) - x_k||_inf is <= tol, g being the map of
- * the solve. IDL_ANDERSON mixes the last `memory` iterates of each sample
+ * every sample has met its stopping test
+ *     ||g(x_k) - x_k||_inf <= tol + rtol * ||g(x_k)||_inf,
+ * g being the map of the solve (rtol 0: the absolute test alone).
+ * IDL_ANDERSON mixes the last `memory` iterates of each sample
  * (1 <= memory <= IDL_ANDERSON_MAX_MEMORY) with a ridge of `regularization`
  * times the mean diagonal of their Gram matrix; where a step does not shrink
  * a sample's residual, that sample falls back to a plain Picard step (for
- * good after a few such fallbacks: see csrc/cpu/anderson.inc). */
-typedef enum { IDL_PICARD = 0, IDL_ANDERSON = 1 } idl_method;
+ * good after a few such fallbacks: see csrc/cpu/anderson.inc).
+ * IDL_AUTO starts every sample on Picard steps and switches a sample to
+ * Anderson (for the rest of the solve) once its residual ratio
+ * res_k / res_{k-1} has been above `switch_ratio` for `switch_patience`
+ * iterations in a row (0 in either: IDL_AUTO_SWITCH_RATIO,
+ * IDL_AUTO_SWITCH_PATIENCE). A sample that contracts fast never pays for
+ * Anderson's history.
+ * The fields after `regularization` default to 0 (aggregate initialisation
+ * of the first five), which is the behaviour before they existed. */
+typedef enum { IDL_PICARD = 0, IDL_ANDERSON = 1, IDL_AUTO = 2 } idl_method;
 
 #define IDL_ANDERSON_MAX_MEMORY 16
+#define IDL_AUTO_SWITCH_RATIO 0.8
+#define IDL_AUTO_SWITCH_PATIENCE 3
 
 typedef struct {
     idl_method method;
@@ -99,17 +111,25 @@ typedef struct {
     double tol;
     int64_t memory;
     double regularization;
+    double rtol;             /* relative tolerance, >= 0 (0: none)   */
+    double switch_ratio;     /* IDL_AUTO (0: IDL_AUTO_SWITCH_RATIO)   */
+    int64_t switch_patience; /* IDL_AUTO (0: IDL_AUTO_SWITCH_PATIENCE) */
 } idl_solver;
 
 /* What a solve did. `residual` is the largest final residual over samples,
  * NaN or Inf when an iterate stopped being finite (the solve stops there).
  * `error` is 0, or the nonzero value the matmul callback returned: then the
- * solve stopped right there, and its outputs hold nothing meaningful. */
+ * solve stopped right there, and its outputs hold nothing meaningful.
+ * `relative_stops` counts the samples that stopped on the relative part of
+ * the test (residual above tol, within tol + rtol ||g(x)||_inf);
+ * `switched` the samples IDL_AUTO moved to Anderson. */
 typedef struct {
     int64_t iterations;
     double residual;
     int converged;
     int error;
+    int64_t relative_stops;
+    int64_t switched;
 } idl_stats;
 
 /* Bytes of workspace a solve of m samples of width n needs. */
@@ -141,6 +161,21 @@ idl_stats idl_adjoint_f32(int64_t m, int64_t n, idl_matmul matmul_a,
 idl_stats idl_adjoint_f64(int64_t m, int64_t n, idl_matmul matmul_a,
                           const double *z, const double *g, idl_act act,
                           idl_solver solver, double *v, void *workspace);
+
+/* Phantom adjoint (Geng et al. 2021): `steps` damped adjoint steps from V = 0,
+ *     V <- (1 - tau) V + tau φ'(Z) ⊙ (V A + G),
+ * an inexact dL/dZ (steps = 1, tau = 1 is Jacobian-free backprop, φ'(Z) ⊙ G).
+ * stats: iterations = steps, residual = max |ΔV| of the last step, converged
+ * = 1 (there is no test to meet). Workspace: idl_phantom_workspace_bytes. */
+int64_t idl_phantom_workspace_bytes(int64_t m, int64_t n, int64_t elem_size);
+idl_stats idl_phantom_adjoint_f32(int64_t m, int64_t n, idl_matmul matmul_a,
+                                  const float *z, const float *g, idl_act act,
+                                  int64_t steps, double tau, float *v,
+                                  void *workspace);
+idl_stats idl_phantom_adjoint_f64(int64_t m, int64_t n, idl_matmul matmul_a,
+                                  const double *z, const double *g,
+                                  idl_act act, int64_t steps, double tau,
+                                  double *v, void *workspace);
 
 /* ---- SIM: prox of l1 plus an l1-ball constraint (csrc/cpu/prox.c) ------- */
 

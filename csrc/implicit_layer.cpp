@@ -69,6 +69,15 @@ using SolveSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
 using AdjointSignature = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view, double, int64_t,
     double, c10::string_view, int64_t);
+using SolveRelSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const OptTensor&, c10::string_view, double, int64_t,
+    double, double, c10::string_view, int64_t);
+using AdjointRelSignature = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view, double, int64_t,
+    double, double, c10::string_view, int64_t);
+using PhantomSignature = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view, double, int64_t,
+    double);
 
 // ---- the layer's settings ------------------------------------------------------
 
@@ -84,9 +93,28 @@ struct Settings {
     double grad_tol;
     std::string method;
     int64_t memory;
+    double rtol = 0.0;
+    double grad_rtol = 0.0;
+    std::string backward = "implicit";  // "implicit", "phantom" or "jfb"
+    int64_t phantom_steps = 5;
+    double phantom_tau = 0.5;
 };
 
+// The settings idl::fixed_point and idl::fixed_point_adjoint (every device)
+// cannot express: a relative tolerance, or method "auto". Those solves go to
+// the *_rel ops (CPU only for now).
+bool forward_needs_rel(const Settings& s) { return s.rtol != 0.0 || s.method == "auto"; }
+bool backward_needs_rel(const Settings& s) { return s.grad_rtol != 0.0 || s.method == "auto"; }
+
 void check_settings(const Settings& s) {
+    TORCH_CHECK_VALUE(s.backward == "implicit" || s.backward == "phantom" || s.backward == "jfb",
+                      "idl: backward must be 'implicit', 'phantom' or 'jfb', got '", s.backward,
+                      "'");
+    idl_checks::check_phantom(s.phantom_steps, s.phantom_tau);
+    TORCH_CHECK_VALUE(s.rtol >= 0.0 && std::isfinite(s.rtol),
+                      "idl: rtol must be a finite number >= 0, got ", s.rtol);
+    TORCH_CHECK_VALUE(s.grad_rtol >= 0.0 && std::isfinite(s.grad_rtol),
+                      "idl: grad_rtol must be a finite number >= 0, got ", s.grad_rtol);
     TORCH_CHECK_VALUE(s.well_posed == "none" || s.well_posed == "triu" ||
                           s.well_posed == "exact" || s.well_posed == "scale",
                       "idl: well_posed must be 'none', 'triu', 'exact' or 'scale', got '",
@@ -107,6 +135,28 @@ at::Tensor well_posed_backward(const at::Tensor& grad, const at::Tensor& A, cons
     if (s.well_posed == "triu") return at::triu(grad, 1);
     if (is_projection(s)) return project_linf_backward(grad, A, s.kappa, s.well_posed);
     return grad;
+}
+
+// The ops a layer's settings need beyond idl::fixed_point and
+// idl::fixed_point_adjoint must have a kernel on its device (CPU only for
+// now): refused at the forward call, with a clear message, rather than in
+// the backward pass with the dispatcher's.
+void check_device_supports(const Settings& s, const at::Tensor& like) {
+    if (like.device().is_cpu() || like.device().is_meta()) return;
+    const auto key = c10::computeDispatchKey(std::nullopt, like.layout(), like.device());
+    auto has = [&](const char* name) {
+        return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").hasKernelForDispatchKey(key);
+    };
+    TORCH_CHECK_NOT_IMPLEMENTED(!forward_needs_rel(s) || has("idl::fixed_point_rel"),
+                                "idl: rtol and solver='auto' are not implemented on ",
+                                like.device().type(), " yet");
+    TORCH_CHECK_NOT_IMPLEMENTED(s.backward != "implicit" || !backward_needs_rel(s) ||
+                                    has("idl::fixed_point_adjoint_rel"),
+                                "idl: grad_rtol and solver='auto' are not implemented on ",
+                                like.device().type(), " yet");
+    TORCH_CHECK_NOT_IMPLEMENTED(s.backward == "implicit" || has("idl::phantom_adjoint"),
+                                "idl: backward='", s.backward, "' is not implemented on ",
+                                like.device().type(), " yet");
 }
 
 // ---- forward ---------------------------------------------------------------
@@ -152,6 +202,7 @@ void check_layer_args(const at::Tensor& U, const at::Tensor& A, const at::Tensor
     check_vector(bias_out, q, A, "bias_out");
     check_settings(s);
     if (is_projection(s)) idl_checks::check_kappa(s.kappa);
+    check_device_supports(s, A);
 }
 
 // Multiply-adds of the layer's largest product, forward or backward: U (m, p),
@@ -180,15 +231,25 @@ LayerForward layer_forward(const at::Tensor& U, const at::Tensor& A, const at::T
                            const at::Tensor& C, const OptTensor& D, const OptTensor& bias_hidden,
                            const OptTensor& bias_out, const OptTensor& X0, const Settings& s) {
     static const auto solve = idl_op<SolveSignature>("idl::fixed_point");
+    static const auto solve_rel = idl_op<SolveRelSignature>("idl::fixed_point_rel");
     check_layer_args(U, A, B, C, D, bias_hidden, bias_out, s);
     SerialBlasIfSmall serial(U.device(), largest_product(U, A, C));
     LayerForward f;
     f.A_bar = well_posed(A, s);
     auto C0 = bias_hidden.has_value() ? at::addmm(*bias_hidden, U, B.t()) : at::mm(U, B.t());
     at::Tensor solve_stats;
-    std::tie(f.X, f.Z, solve_stats) =
-        solve.call(f.A_bar, C0, X0, s.activation, s.slope, s.max_iter, s.tol, s.grad_max_iter,
-                   s.grad_tol, s.method, s.memory);
+    if (forward_needs_rel(s)) {
+        // the backward's settings are checked here too, as idl::fixed_point does
+        idl_checks::parse_solver(s.method, s.grad_max_iter, s.grad_tol, s.memory,
+                                 "grad_max_iter", "grad_tol", s.grad_rtol, "grad_rtol");
+        std::tie(f.X, f.Z, solve_stats) = solve_rel.call(f.A_bar, C0, X0, s.activation, s.slope,
+                                                         s.max_iter, s.tol, s.rtol, s.method,
+                                                         s.memory);
+    } else {
+        std::tie(f.X, f.Z, solve_stats) =
+            solve.call(f.A_bar, C0, X0, s.activation, s.slope, s.max_iter, s.tol,
+                       s.grad_max_iter, s.grad_tol, s.method, s.memory);
+    }
     f.Y = bias_out.has_value() ? at::addmm(*bias_out, f.X, C.t()) : at::mm(f.X, C.t());
     if (D.has_value()) f.Y.addmm_(U, D->t());
     f.stats = layer_stats(solve_stats);
@@ -244,9 +305,12 @@ class ImplicitLayer : public torch::autograd::Function<ImplicitLayer> {
     }
 
     // dL/dX = dY C + dX_direct; V = φ'(Z) ⊙ (V Ā + dL/dX) is dL/d(pre-activation);
-    // the rest are products with V and dY.
+    // the rest are products with V and dY. With backward "phantom" or "jfb", V
+    // is that of a few damped adjoint steps instead (idl::phantom_adjoint).
     static variable_list backward(AutogradContext* ctx, variable_list grads) {
         static const auto adjoint = idl_op<AdjointSignature>("idl::fixed_point_adjoint");
+        static const auto adjoint_rel = idl_op<AdjointRelSignature>("idl::fixed_point_adjoint_rel");
+        static const auto phantom = idl_op<PhantomSignature>("idl::phantom_adjoint");
         const auto saved = ctx->get_saved_variables();
         const auto &U = saved[0], &A = saved[1], &A_bar = saved[2], &B = saved[3], &C = saved[4],
                    &D = saved[5], &X = saved[6], &Z = saved[7];
@@ -263,8 +327,19 @@ class ImplicitLayer : public torch::autograd::Function<ImplicitLayer> {
         at::Tensor G = dY.defined() ? dY.mm(C) : at::Tensor();
         if (dX.defined()) G = G.defined() ? G + dX : dX;
         if (!G.defined()) G = at::zeros_like(Z);
-        auto [V, stats] = adjoint.call(A_bar, Z, G, s.activation, s.slope, s.grad_max_iter,
-                                       s.grad_tol, s.method, s.memory);
+        at::Tensor V, stats;
+        if (s.backward == "jfb")
+            std::tie(V, stats) = phantom.call(A_bar, Z, G, s.activation, s.slope, 1, 1.0);
+        else if (s.backward == "phantom")
+            std::tie(V, stats) = phantom.call(A_bar, Z, G, s.activation, s.slope, s.phantom_steps,
+                                              s.phantom_tau);
+        else if (backward_needs_rel(s))
+            std::tie(V, stats) = adjoint_rel.call(A_bar, Z, G, s.activation, s.slope,
+                                                  s.grad_max_iter, s.grad_tol, s.grad_rtol,
+                                                  s.method, s.memory);
+        else
+            std::tie(V, stats) = adjoint.call(A_bar, Z, G, s.activation, s.slope, s.grad_max_iter,
+                                              s.grad_tol, s.method, s.memory);
         const auto& layer_stats = ctx->saved_data["stats"].toTensor();
         if (!is_traced(layer_stats)) layer_stats[1].copy_(stats);
 
@@ -307,6 +382,10 @@ class ImplicitLayer : public torch::autograd::Function<ImplicitLayer> {
         d["grad_tol"] = s.grad_tol;
         d["method"] = s.method;
         d["memory"] = s.memory;
+        d["grad_rtol"] = s.grad_rtol;
+        d["backward"] = s.backward;
+        d["phantom_steps"] = s.phantom_steps;
+        d["phantom_tau"] = s.phantom_tau;
     }
 
     // What backward needs of the settings (the forward solve's are not kept).
@@ -321,6 +400,10 @@ class ImplicitLayer : public torch::autograd::Function<ImplicitLayer> {
         s.grad_tol = d["grad_tol"].toDouble();
         s.method = d["method"].toStringRef();
         s.memory = d["memory"].toInt();
+        s.grad_rtol = d["grad_rtol"].toDouble();
+        s.backward = d["backward"].toStringRef();
+        s.phantom_steps = d["phantom_steps"].toInt();
+        s.phantom_tau = d["phantom_tau"].toDouble();
         return s;
     }
 };
@@ -334,33 +417,41 @@ using LayerResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
         const OptTensor &D, const OptTensor &bias_hidden, const OptTensor &bias_out,            \
         const OptTensor &X0, c10::string_view well_posed, double kappa,                         \
         c10::string_view activation, double slope, int64_t max_iter, double tol,                \
-        int64_t grad_max_iter, double grad_tol, c10::string_view method, int64_t memory
+        int64_t grad_max_iter, double grad_tol, c10::string_view method, int64_t memory,        \
+        double rtol, double grad_rtol, c10::string_view backward, int64_t phantom_steps,        \
+        double phantom_tau
+
+#define IDL_LAYER_SETTINGS                                                                     \
+    well_posed, kappa, activation, slope, max_iter, tol, grad_max_iter, grad_tol, method,       \
+        memory, rtol, grad_rtol, backward, phantom_steps, phantom_tau
 
 Settings settings_of(c10::string_view well_posed, double kappa, c10::string_view activation,
                      double slope, int64_t max_iter, double tol, int64_t grad_max_iter,
-                     double grad_tol, c10::string_view method, int64_t memory) {
+                     double grad_tol, c10::string_view method, int64_t memory, double rtol,
+                     double grad_rtol, c10::string_view backward, int64_t phantom_steps,
+                     double phantom_tau) {
     return Settings{std::string(well_posed), kappa, std::string(activation), slope, max_iter,
-                    tol, grad_max_iter, grad_tol, std::string(method), memory};
+                    tol, grad_max_iter, grad_tol, std::string(method), memory, rtol, grad_rtol,
+                    std::string(backward), phantom_steps, phantom_tau};
 }
 
 // Below autograd (inference mode, or no input needs a gradient under a mode
 // that skips autograd): the forward alone.
 LayerResult implicit_layer_forward(IDL_LAYER_PARAMS) {
-    const auto s = settings_of(well_posed, kappa, activation, slope, max_iter, tol, grad_max_iter,
-                               grad_tol, method, memory);
+    const auto s = settings_of(IDL_LAYER_SETTINGS);
     const NoAutocast no_autocast;
     auto f = layer_forward(U, A, B, C, D, bias_hidden, bias_out, X0, s);
     return {f.Y, f.X, f.stats};
 }
 
 LayerResult implicit_layer_autograd(IDL_LAYER_PARAMS) {
-    const auto s = settings_of(well_posed, kappa, activation, slope, max_iter, tol, grad_max_iter,
-                               grad_tol, method, memory);
+    const auto s = settings_of(IDL_LAYER_SETTINGS);
     auto out = ImplicitLayer::apply(U, A, B, C, D, bias_hidden, bias_out, X0, s);
     return {out[0], out[1], out[2]};
 }
 
 #undef IDL_LAYER_PARAMS
+#undef IDL_LAYER_SETTINGS
 
 }  // namespace
 
@@ -368,8 +459,9 @@ TORCH_LIBRARY_FRAGMENT(idl, m) {
     m.def(
         "implicit_layer(Tensor U, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? bias_hidden, "
         "Tensor? bias_out, Tensor? X0, str well_posed, float kappa, str activation, float slope, "
-        "int max_iter, float tol, int grad_max_iter, float grad_tol, str method, int memory) "
-        "-> (Tensor Y, Tensor X, Tensor stats)");
+        "int max_iter, float tol, int grad_max_iter, float grad_tol, str method, int memory, "
+        "float rtol=0.0, float grad_rtol=0.0, str backward=\"implicit\", int phantom_steps=5, "
+        "float phantom_tau=0.5) -> (Tensor Y, Tensor X, Tensor stats)");
 }
 
 TORCH_LIBRARY_IMPL(idl, CompositeExplicitAutograd, m) {

@@ -28,6 +28,7 @@ struct Kernels<float> {
     static constexpr auto project_backward = idl_project_linf_backward_f32;
     static constexpr auto fixed_point = idl_fixed_point_f32;
     static constexpr auto adjoint = idl_adjoint_f32;
+    static constexpr auto phantom = idl_phantom_adjoint_f32;
 };
 
 template <>
@@ -36,14 +37,22 @@ struct Kernels<double> {
     static constexpr auto project_backward = idl_project_linf_backward_f64;
     static constexpr auto fixed_point = idl_fixed_point_f64;
     static constexpr auto adjoint = idl_adjoint_f64;
+    static constexpr auto phantom = idl_phantom_adjoint_f64;
 };
 
-at::Tensor stats_tensor(const idl_stats& s) {
+// [iterations, residual, converged], converged being a code (idl/_stats.py):
+// 0 not converged, 1 every sample met the absolute test (residual <= tol), 2
+// some sample stopped on the relative part (tol < residual <= tol + rtol
+// ||g(x)||_inf), 3 a fixed number of steps with no test (phantom backward).
+at::Tensor stats_tensor(const idl_stats& s, double converged_code = 0.0) {
     auto out = at::empty({3}, at::TensorOptions().dtype(at::kDouble));
     auto* p = out.data_ptr<double>();
     p[0] = static_cast<double>(s.iterations);
     p[1] = s.residual;
-    p[2] = s.converged ? 1.0 : 0.0;
+    p[2] = converged_code != 0.0 ? converged_code
+           : !s.converged        ? 0.0
+           : s.relative_stops > 0 ? 2.0
+                                  : 1.0;
     return out;
 }
 
@@ -79,13 +88,10 @@ at::Tensor project_linf_backward_cpu(const at::Tensor& grad, const at::Tensor& A
     return out;
 }
 
-// Forward solve. grad_max_iter and grad_tol are only checked (see checks.h).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_point_cpu(
-    const at::Tensor& A, const at::Tensor& C0, const c10::optional<at::Tensor>& X0,
-    c10::string_view activation, double slope, int64_t max_iter, double tol,
-    int64_t grad_max_iter, double grad_tol, c10::string_view method, int64_t memory) {
-    const auto args = check_fixed_point_args(A, C0, X0, activation, slope, max_iter, tol,
-                                             grad_max_iter, grad_tol, method, memory);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_cpu(const at::Tensor& A,
+                                                        const at::Tensor& C0,
+                                                        const c10::optional<at::Tensor>& X0,
+                                                        const SolveArgs& args) {
     auto c0 = C0.contiguous();
     auto x0 = X0.has_value() ? X0->contiguous() : at::Tensor();  // undefined: start at 0
     const int64_t m = c0.size(0), n = c0.size(1);
@@ -107,13 +113,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_point_cpu(
     return {x, z, stats_tensor(stats)};
 }
 
-std::tuple<at::Tensor, at::Tensor> fixed_point_adjoint_cpu(const at::Tensor& A, const at::Tensor& Z,
-                                                           const at::Tensor& G,
-                                                           c10::string_view activation,
-                                                           double slope, int64_t max_iter,
-                                                           double tol, c10::string_view method,
-                                                           int64_t memory) {
-    const auto args = check_adjoint_args(A, Z, G, activation, slope, max_iter, tol, method, memory);
+// Forward solve. grad_max_iter and grad_tol are only checked (see checks.h).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_point_cpu(
+    const at::Tensor& A, const at::Tensor& C0, const c10::optional<at::Tensor>& X0,
+    c10::string_view activation, double slope, int64_t max_iter, double tol,
+    int64_t grad_max_iter, double grad_tol, c10::string_view method, int64_t memory) {
+    const auto args = check_fixed_point_args(A, C0, X0, activation, slope, max_iter, tol,
+                                             grad_max_iter, grad_tol, method, memory);
+    return solve_cpu(A, C0, X0, args);
+}
+
+// Forward solve with a relative tolerance (and any method).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_point_rel_cpu(
+    const at::Tensor& A, const at::Tensor& C0, const c10::optional<at::Tensor>& X0,
+    c10::string_view activation, double slope, int64_t max_iter, double tol, double rtol,
+    c10::string_view method, int64_t memory) {
+    const auto args = check_fixed_point_rel_args(A, C0, X0, activation, slope, max_iter, tol, rtol,
+                                                 method, memory);
+    return solve_cpu(A, C0, X0, args);
+}
+
+std::tuple<at::Tensor, at::Tensor> adjoint_cpu(const at::Tensor& A, const at::Tensor& Z,
+                                               const at::Tensor& G, const SolveArgs& args) {
     auto z = Z.contiguous();
     auto g = G.contiguous();
     const int64_t m = z.size(0), n = z.size(1);
@@ -132,6 +153,55 @@ std::tuple<at::Tensor, at::Tensor> fixed_point_adjoint_cpu(const at::Tensor& A, 
     return {v, stats_tensor(stats)};
 }
 
+std::tuple<at::Tensor, at::Tensor> fixed_point_adjoint_cpu(const at::Tensor& A, const at::Tensor& Z,
+                                                           const at::Tensor& G,
+                                                           c10::string_view activation,
+                                                           double slope, int64_t max_iter,
+                                                           double tol, c10::string_view method,
+                                                           int64_t memory) {
+    return adjoint_cpu(A, Z, G,
+                       check_adjoint_args(A, Z, G, activation, slope, max_iter, tol, method, memory));
+}
+
+std::tuple<at::Tensor, at::Tensor> fixed_point_adjoint_rel_cpu(
+    const at::Tensor& A, const at::Tensor& Z, const at::Tensor& G, c10::string_view activation,
+    double slope, int64_t max_iter, double tol, double rtol, c10::string_view method,
+    int64_t memory) {
+    return adjoint_cpu(
+        A, Z, G,
+        check_adjoint_args(A, Z, G, activation, slope, max_iter, tol, method, memory, rtol));
+}
+
+// Phantom adjoint: `steps` damped adjoint steps (idl.h); steps 1, tau 1 is JFB.
+std::tuple<at::Tensor, at::Tensor> phantom_adjoint_cpu(const at::Tensor& A, const at::Tensor& Z,
+                                                       const at::Tensor& G,
+                                                       c10::string_view activation, double slope,
+                                                       int64_t steps, double tau) {
+    check_square_with(A, Z, "Z");
+    check_same(G, Z, "G", "Z");
+    TORCH_CHECK_VALUE(G.sizes() == Z.sizes(), "idl: G must have shape ", Z.sizes(), ", got ",
+                      G.sizes());
+    check_phantom(steps, tau);
+    const auto act = parse_activation(activation, slope);
+    auto z = Z.contiguous();
+    auto g = G.contiguous();
+    const int64_t m = z.size(0), n = z.size(1);
+    auto v = at::empty_like(z);
+    auto work = at::empty({idl_phantom_workspace_bytes(m, n, z.element_size())},
+                          z.options().dtype(at::kByte));
+    SerialBlasIfSmall serial(z.device(), m * n * n);
+    RightFactor a_factor{A};
+    idl_matmul mm{matmul_by_factor, &a_factor};
+    idl_stats stats;
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "idl::phantom_adjoint", [&] {
+        stats = Kernels<scalar_t>::phantom(m, n, mm, z.const_data_ptr<scalar_t>(),
+                                           g.const_data_ptr<scalar_t>(), act, steps, tau,
+                                           v.data_ptr<scalar_t>(), work.data_ptr());
+    });
+    a_factor.rethrow_error();
+    return {v, stats_tensor(stats, 3.0)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(idl, m) {
@@ -145,6 +215,19 @@ TORCH_LIBRARY(idl, m) {
         "fixed_point_adjoint(Tensor A, Tensor Z, Tensor G, str activation, float slope, "
         "int max_iter, float tol, str method=\"picard\", int memory=5) "
         "-> (Tensor V, Tensor stats)");
+    // CPU only for now: the solves with a relative tolerance or method "auto",
+    // and the phantom / JFB backward (idl::implicit_layer calls them only when
+    // those settings are asked for).
+    m.def(
+        "fixed_point_rel(Tensor A, Tensor C0, Tensor? X0, str activation, float slope, "
+        "int max_iter, float tol, float rtol, str method, int memory) "
+        "-> (Tensor X, Tensor Z, Tensor stats)");
+    m.def(
+        "fixed_point_adjoint_rel(Tensor A, Tensor Z, Tensor G, str activation, float slope, "
+        "int max_iter, float tol, float rtol, str method, int memory) -> (Tensor V, Tensor stats)");
+    m.def(
+        "phantom_adjoint(Tensor A, Tensor Z, Tensor G, str activation, float slope, int steps, "
+        "float tau) -> (Tensor V, Tensor stats)");
 }
 
 TORCH_LIBRARY_IMPL(idl, CPU, m) {
@@ -152,6 +235,9 @@ TORCH_LIBRARY_IMPL(idl, CPU, m) {
     m.impl("project_linf_backward", &project_linf_backward_cpu);
     m.impl("fixed_point", &fixed_point_cpu);
     m.impl("fixed_point_adjoint", &fixed_point_adjoint_cpu);
+    m.impl("fixed_point_rel", &fixed_point_rel_cpu);
+    m.impl("fixed_point_adjoint_rel", &fixed_point_adjoint_rel_cpu);
+    m.impl("phantom_adjoint", &phantom_adjoint_cpu);
 }
 
 // `import idl._C` loads this library, which registers the ops above.

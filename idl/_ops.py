@@ -104,6 +104,28 @@ def _(A, Z, G, activation, slope, max_iter, tol, method="picard", memory=5):
     return _contiguous_like(Z), _stats_like(Z)
 
 
+@torch.library.register_fake("idl::fixed_point_rel")
+def _(A, C0, X0, activation, slope, max_iter, tol, rtol, method, memory):
+    _check_square_with(A, C0, "C0")
+    if X0 is not None:
+        _check_same(X0, C0, "X0", "C0")
+    return _contiguous_like(C0), _contiguous_like(C0), _stats_like(C0)
+
+
+@torch.library.register_fake("idl::fixed_point_adjoint_rel")
+def _(A, Z, G, activation, slope, max_iter, tol, rtol, method, memory):
+    _check_square_with(A, Z, "Z")
+    _check_same(G, Z, "G", "Z")
+    return _contiguous_like(Z), _stats_like(Z)
+
+
+@torch.library.register_fake("idl::phantom_adjoint")
+def _(A, Z, G, activation, slope, steps, tau):
+    _check_square_with(A, Z, "Z")
+    _check_same(G, Z, "G", "Z")
+    return _contiguous_like(Z), _stats_like(Z)
+
+
 def _solve_setup(ctx, inputs, output):
     A, _C0, _X0, activation, slope, _mi, _tol, grad_max_iter, grad_tol, method, memory = inputs
     X, Z, _stats = output
@@ -158,5 +180,8 @@ def not_differentiable(name):
     return backward
 
 
-for _name in ("project_linf_backward", "fixed_point_adjoint"):
+# idl::fixed_point_rel is the forward solve of idl::implicit_layer (which
+# differentiates it itself) when a relative tolerance or method "auto" is set.
+for _name in ("project_linf_backward", "fixed_point_adjoint", "fixed_point_rel",
+              "fixed_point_adjoint_rel", "phantom_adjoint"):
     torch.library.register_autograd(f"idl::{_name}", not_differentiable(f"idl::{_name}"))

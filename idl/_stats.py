@@ -3,7 +3,11 @@ channel through which every solve of idl reports.
 
 A solve's stats are data: a float64 tensor of shape (2, 3) that the op (or the
 Python-driven solve) returns, row 0 for the forward solve and row 1 for the
-backward (adjoint) solve, each [iterations, residual, converged]; row 1 is
+backward (adjoint) solve, each [iterations, residual, converged]. The
+converged column is a code (``CRITERIA``): 0 not converged, 1 every sample met
+the absolute test (residual <= tol), 2 some sample stopped on the relative
+part of the test (tol < residual <= tol + rtol ||x||_inf), 3 a fixed number of
+steps with no test to meet (the "phantom" and "jfb" backward modes); row 1 is
 [-1, 0, 0] (no iterations: not run) until the backward pass has run and
 written it. ``SolveStats`` reads that
 tensor; :func:`watch` reports the forward row at once and the backward row
@@ -56,11 +60,16 @@ def _has_values(stats: torch.Tensor) -> bool:
     return not (torch.compiler.is_compiling() or traced or stats.is_meta)
 
 
+#: What ended a solve, by the code in the converged column.
+CRITERIA = {0: None, 1: "tol", 2: "rtol", 3: "steps"}
+
+
 def _record(values) -> Optional[dict]:
     iterations, residual, converged = values
     if iterations < 0:  # not run
         return None
-    return {"iterations": int(iterations), "residual": residual, "converged": bool(converged)}
+    return {"iterations": int(iterations), "residual": residual, "converged": bool(converged),
+            "criterion": CRITERIA.get(int(converged), None)}
 
 
 def report_solve(row: torch.Tensor, what: str, on_nonconvergence: str) -> Optional[dict]:
@@ -101,11 +110,24 @@ def watch(stats: torch.Tensor, on_nonconvergence: str, output: torch.Tensor) -> 
     node.register_hook(report_backward)
 
 
+def _merged_criterion(criteria):
+    """None if any solve did not converge, else the loosest test that ended one."""
+    if any(c is None for c in criteria):
+        return None
+    for loosest in ("steps", "rtol"):
+        if loosest in criteria:
+            return loosest
+    return "tol"
+
+
 class SolveStats:
     """What the last solves of a module did: ``forward`` and ``backward`` are
     dicts with ``iterations``, ``residual`` (the largest final per-sample
-    residual; NaN or Inf when an iterate stopped being finite) and
-    ``converged``; ``backward`` is None until a backward pass has run.
+    residual; NaN or Inf when an iterate stopped being finite), ``converged``
+    and ``criterion``: what ended it, ``"tol"`` (every sample met the absolute
+    tolerance), ``"rtol"`` (some sample stopped on the relative part),
+    ``"steps"`` (a phantom/JFB backward: a fixed number of steps, no test) or
+    None (not converged); ``backward`` is None until a backward pass has run.
 
     It reads the stats tensors of one or more solves (merged: the most
     iterations any took, the largest residual, whether all converged; the
@@ -125,6 +147,7 @@ class SolveStats:
             "residual": max((r["residual"] for r in records),
                             key=lambda x: math.inf if math.isnan(x) else x),
             "converged": all(r["converged"] for r in records),
+            "criterion": _merged_criterion([r["criterion"] for r in records]),
         }
 
     @property

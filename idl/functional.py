@@ -51,7 +51,10 @@ def check_kappa(kappa) -> float:
     return kappa
 
 
-METHODS = ("picard", "anderson")
+METHODS = ("picard", "anderson", "auto")
+BACKWARDS = ("implicit", "phantom", "jfb")
+AUTO_SWITCH_RATIO = 0.8  # IDL_AUTO_SWITCH_RATIO in csrc/idl.h
+AUTO_SWITCH_PATIENCE = 3  # IDL_AUTO_SWITCH_PATIENCE in csrc/idl.h
 ANDERSON_MAX_MEMORY = 16  # IDL_ANDERSON_MAX_MEMORY in csrc/idl.h
 ANDERSON_REGULARIZATION = 1e-10  # kAndersonRegularization in csrc/ops.cpp
 ANDERSON_MAX_RESTARTS = 8  # IDL_ANDERSON_MAX_RESTARTS in csrc/cpu/fixed_point.c
@@ -62,13 +65,35 @@ class SolverOptions:
     """How the forward and backward fixed-point solves iterate and stop, and
     what happens when they do not converge.
 
-    Each sample stops once its residual ||g(x) - x||_inf is <= tol (grad_tol
-    for the backward), or at max_iter (grad_max_iter) iterations. ``method``
-    is ``"picard"`` (x <- g(x)) or ``"anderson"`` (Anderson acceleration over
-    the last ``memory`` iterates of each sample, falling back to a Picard step
-    where a step increased that sample's residual); both solves use it.
-    ``on_nonconvergence`` is ``"warn"`` (ImplicitFunctionWarning) or
-    ``"raise"`` (SolveNotConverged)."""
+    Each sample stops once its residual ||g(x) - x||_inf is
+    <= tol + rtol * ||g(x)||_inf (grad_tol, grad_rtol for the backward), or
+    at max_iter (grad_max_iter) iterations; rtol = 0 (default) is the
+    absolute test alone. ``method`` is ``"picard"`` (x <- g(x)),
+    ``"anderson"`` (Anderson acceleration over the last ``memory`` iterates
+    of each sample, falling back to a Picard step where a step increased that
+    sample's residual) or ``"auto"`` (Picard, each sample switching to
+    Anderson for good once its residual has shrunk by less than a factor
+    AUTO_SWITCH_RATIO per iteration for AUTO_SWITCH_PATIENCE iterations in a
+    row); both solves use it. ``on_nonconvergence`` is ``"warn"``
+    (ImplicitFunctionWarning) or ``"raise"`` (SolveNotConverged).
+
+    ``backward`` is how gradients are computed:
+
+    - ``"implicit"`` (default): the adjoint solve V = φ'(Z) ⊙ (V A + G) to
+      grad_tol/grad_rtol: the exact gradient of the fixed point, up to the
+      solves' tolerances (the one torch.autograd.gradcheck applies to).
+    - ``"phantom"``: ``phantom_steps`` damped adjoint steps from V = 0,
+      V <- (1 - tau) V + tau φ'(Z) ⊙ (V A + G), tau = ``phantom_tau`` (the
+      phantom gradient of Geng et al. 2021, as in TorchDEQ): an
+      approximation, cheaper than the solve, not the gradient of anything
+      the forward computes; with tau = 1 and k steps it is the gradient of
+      the last k Picard steps taken from the fixed point.
+    - ``"jfb"``: Jacobian-free backprop (Fung et al. 2022), V = φ'(Z) ⊙ G,
+      one step and no product with A: a descent direction under conditions
+      on A, not the gradient.
+
+    Neither inexact mode passes gradcheck, and grad_max_iter, grad_tol and
+    grad_rtol do not apply to them."""
 
     max_iter: int = 300
     tol: float = 3e-6
@@ -77,9 +102,14 @@ class SolverOptions:
     on_nonconvergence: str = "warn"
     method: str = "picard"
     memory: int = 5
+    rtol: float = 0.0
+    grad_rtol: float = 0.0
+    backward: str = "implicit"
+    phantom_steps: int = 5
+    phantom_tau: float = 0.5
 
     def __post_init__(self):
-        for name in ("max_iter", "grad_max_iter", "memory"):
+        for name in ("max_iter", "grad_max_iter", "memory", "phantom_steps"):
             value = getattr(self, name)
             if isinstance(value, bool):
                 raise TypeError(f"{name} must be an int, got bool")
@@ -92,7 +122,7 @@ class SolverOptions:
             object.__setattr__(self, name, value)
         if self.memory > ANDERSON_MAX_MEMORY:
             raise ValueError(f"memory must be <= {ANDERSON_MAX_MEMORY}, got {self.memory}")
-        for name in ("tol", "grad_tol"):
+        for name in ("tol", "grad_tol", "rtol", "grad_rtol"):
             value = as_float(name, getattr(self, name))
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
@@ -104,11 +134,24 @@ class SolverOptions:
             )
         if self.method not in METHODS:
             raise ValueError(f"solver must be one of {METHODS}, got {self.method!r}")
+        if self.backward not in BACKWARDS:
+            raise ValueError(f"backward must be one of {BACKWARDS}, got {self.backward!r}")
+        tau = as_float("phantom_tau", self.phantom_tau)
+        if not 0.0 < tau <= 1.0:
+            raise ValueError(f"phantom_tau must be in (0, 1], got {tau}")
+        object.__setattr__(self, "phantom_tau", tau)
 
     def forward_args(self):
         """The solver arguments of idl::fixed_point after activation/slope."""
         return (self.max_iter, float(self.tol), self.grad_max_iter, float(self.grad_tol),
                 self.method, self.memory)
+
+    def layer_args(self):
+        """The solver arguments of idl::implicit_layer after activation/slope:
+        those of idl::fixed_point, then the relative tolerances and the
+        backward mode."""
+        return self.forward_args() + (float(self.rtol), float(self.grad_rtol), self.backward,
+                                      self.phantom_steps, float(self.phantom_tau))
 
 
 # ---- the Python-driven path, for user-defined phi/dphi ----------------------
@@ -122,8 +165,10 @@ class _Anderson:
     row's residual did not shrink, and plain iteration for a row after more than
     ANDERSON_MAX_RESTARTS of those."""
 
-    def __init__(self, rows, n, memory, like):
-        self.memory = memory
+    def __init__(self, rows, n, memory, like, auto=False):
+        self.memory, self.auto = memory, auto
+        # auto: slow Picard steps in a row, -1 once a row mixes (csrc/cpu/anderson.inc)
+        self.slow = torch.full((rows,), 0 if auto else -1, dtype=torch.long, device=like.device)
         self.F = like.new_zeros(rows, memory, n)
         self.G = like.new_zeros(rows, memory, n)
         self.count = torch.zeros(rows, dtype=torch.long, device=like.device)
@@ -132,10 +177,32 @@ class _Anderson:
         self.restarts = torch.zeros_like(self.count)
 
     def keep(self, rows):
-        for name in ("F", "G", "count", "next", "last", "restarts"):
+        for name in ("F", "G", "count", "next", "last", "restarts", "slow"):
             setattr(self, name, getattr(self, name)[rows])
 
     def step(self, x, gx, residual):
+        """The next iterate of every row; for "auto", rows on Picard steps
+        take g(x) and keep their history untouched until they switch."""
+        if not self.auto:
+            return self._mix(x, gx, residual)
+        on = self.slow >= 0
+        slow = torch.where(on & (residual > AUTO_SWITCH_RATIO * self.last), self.slow + 1,
+                           torch.where(on, 0, self.slow))
+        switch = on & (slow >= AUTO_SWITCH_PATIENCE)
+        self.slow = torch.where(switch, -1, slow)
+        picard = on & ~switch
+        self.last = torch.where(picard, residual, self.last)
+        self.count[switch], self.next[switch], self.last[switch] = 0, 0, math.inf
+        if not picard.any():
+            return self._mix(x, gx, residual)
+        names = ("F", "G", "count", "next", "last", "restarts")
+        saved = {name: getattr(self, name)[picard].clone() for name in names}
+        mixed = self._mix(x, gx, residual)
+        for name in names:
+            getattr(self, name)[picard] = saved[name]
+        return torch.where(picard[:, None], gx, mixed)
+
+    def _mix(self, x, gx, residual):
         stalled = residual >= self.last
         self.count[stalled], self.next[stalled] = 0, 0
         self.restarts += stalled
@@ -162,11 +229,13 @@ class _Anderson:
         return torch.where(usable[:, None], mixed, gx)
 
 
-def iterate_rows(start, matmul, step, max_iter, tol, method="picard", memory=5, inputs=()):
+def iterate_rows(start, matmul, step, max_iter, tol, method="picard", memory=5, inputs=(),
+                 rtol=0.0):
     """The loop of the compiled solver (csrc/cpu/fixed_point.inc), in torch:
-    x <- g(x) = step(x M, rows) per sample (mixed by Anderson if asked), a
-    sample leaving the working set with answer g(x) once its residual
-    ||g(x) - x||_inf is <= tol; a sample that never gets there ends at its
+    x <- g(x) = step(x M, rows) per sample (mixed by Anderson, or by "auto"
+    once a sample contracts slowly, if asked), a sample leaving the working
+    set with answer g(x) once its residual ||g(x) - x||_inf is
+    <= tol + rtol ||g(x)||_inf; a sample that never gets there ends at its
     last g(x) too (not at a mixed iterate, which the step did not map).
     NaN or Inf in any of ``inputs`` (the map's matrix and offsets) stops the
     solve before it starts, with NaN for X and residual: a saturating φ could
@@ -180,8 +249,9 @@ def iterate_rows(start, matmul, step, max_iter, tol, method="picard", memory=5, 
             return torch.full_like(start, nan), torch.tensor([0.0, nan, 0.0], dtype=torch.float64)
     out = start.clone()
     work, rows = start, torch.arange(start.shape[0], device=start.device)
-    anderson = _Anderson(len(rows), start.shape[1], memory, start) if method == "anderson" else None
-    iterations, finished_worst, active_worst = 0, 0.0, 0.0
+    anderson = (_Anderson(len(rows), start.shape[1], memory, start, auto=method == "auto")
+                if method in ("anderson", "auto") else None)
+    iterations, finished_worst, active_worst, relative = 0, 0.0, 0.0, False
     mapped = work  # g of the working rows' last iterate
     while rows.numel() > 0 and iterations < max_iter:
         new = step(matmul(work), rows)
@@ -191,7 +261,12 @@ def iterate_rows(start, matmul, step, max_iter, tol, method="picard", memory=5, 
             mapped = new
             active_worst = float("nan") if torch.isnan(residual).any() else float("inf")
             break
-        done = residual <= tol
+        threshold = tol
+        if rtol > 0:
+            size = new.abs().amax(dim=1) if new.shape[1] else new.new_zeros(len(rows))
+            threshold = tol + rtol * size.double()
+        done = residual.double() <= threshold
+        relative = relative or bool((done & (residual > tol)).any())
         out[rows[done]] = new[done]
         if done.any():
             finished_worst = max(finished_worst, residual[done].max().item())
@@ -204,8 +279,23 @@ def iterate_rows(start, matmul, step, max_iter, tol, method="picard", memory=5, 
     out[rows] = mapped
     converged = rows.numel() == 0
     worst = active_worst if not math.isfinite(active_worst) else max(finished_worst, active_worst)
-    stats = torch.tensor([iterations, worst, float(converged)], dtype=torch.float64)
+    code = (2.0 if relative else 1.0) if converged else 0.0  # see idl/_stats.py
+    stats = torch.tensor([iterations, worst, code], dtype=torch.float64)
     return out, stats
+
+
+def phantom_rows(G, matmul, D, steps, tau):
+    """The phantom adjoint (csrc/cpu/fixed_point.inc) in torch: ``steps``
+    damped steps V <- (1 - tau) V + tau D ⊙ (V M + G) from V = 0. Returns V and
+    its stats [steps, max |ΔV| of the last step, 3] (3: a fixed number of
+    steps, no test; see idl/_stats.py)."""
+    V = tau * D * G
+    change = V.abs().amax().item() if V.numel() else 0.0
+    for _ in range(steps - 1):
+        new = (1 - tau) * V + tau * D * (matmul(V) + G)
+        change = (new - V).abs().amax().item() if V.numel() else 0.0
+        V = new
+    return V, torch.tensor([steps, change, 3.0], dtype=torch.float64)
 
 
 class _CustomActivationSolve(torch.autograd.Function):
@@ -221,7 +311,7 @@ class _CustomActivationSolve(torch.autograd.Function):
 
         X, stats[0] = iterate_rows(
             X0, lambda W: W @ A.t(), step, options.max_iter, options.tol, options.method, options.memory,
-            inputs=(A, C0),
+            inputs=(A, C0), rtol=options.rtol,
         )
         ctx.save_for_backward(A, X, Z)
         ctx.dphi, ctx.options, ctx.stats = dphi, options, stats
@@ -232,11 +322,18 @@ class _CustomActivationSolve(torch.autograd.Function):
     def backward(ctx, grad_X):
         A, X, Z = ctx.saved_tensors
         D = ctx.dphi(Z)
-        V, stats = iterate_rows(
-            torch.zeros_like(grad_X), lambda W: W @ A,
-            lambda P, rows: D[rows] * (P + grad_X[rows]),
-            ctx.options.grad_max_iter, ctx.options.grad_tol, ctx.options.method, ctx.options.memory,
-        )
+        options = ctx.options
+        if options.backward == "implicit":
+            V, stats = iterate_rows(
+                torch.zeros_like(grad_X), lambda W: W @ A,
+                lambda P, rows: D[rows] * (P + grad_X[rows]),
+                options.grad_max_iter, options.grad_tol, options.method, options.memory,
+                rtol=options.grad_rtol,
+            )
+        else:
+            steps, tau = (1, 1.0) if options.backward == "jfb" else (options.phantom_steps,
+                                                                     options.phantom_tau)
+            V, stats = phantom_rows(grad_X, lambda W: W @ A, D, steps, tau)
         if not is_traced(ctx.stats):
             ctx.stats[1] = stats
         return V.t() @ X, V, None, None, None, None, None

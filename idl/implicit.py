@@ -146,6 +146,11 @@ class ImplicitModel(nn.Module):
         bias: add learnt biases to the hidden pre-activation and the output.
         mitr, grad_mitr: iteration limits of the forward and backward solves.
         tol, grad_tol: absolute tolerances of the per-sample inf-norm residual.
+        rtol, grad_rtol: relative tolerances of the forward and backward solves:
+            a sample stops once ||X_{k+1} - X_k||_inf <= tol + rtol ||X_{k+1}||_inf
+            (grad_tol + grad_rtol ||V_{k+1}||_inf for the backward). Default 0:
+            the absolute test alone. ``last_stats`` says which test ended a
+            solve (``criterion``). (CPU only for now when nonzero.)
         kappa: radius of the inf-norm ball, in (0, 1].
         is_low_rank, rank: A = L Rᵀ with L, R of shape (hidden_dim, rank).
         activation: built-in φ by name: one of ``idl.ACTIVATIONS``.
@@ -153,10 +158,26 @@ class ImplicitModel(nn.Module):
         projection: ``"exact"`` (Euclidean, default) or ``"scale"`` (torchidl's).
         on_nonconvergence: ``"warn"`` (ImplicitFunctionWarning) or ``"raise"``
             (SolveNotConverged) when a solve stops before reaching its tolerance.
-        solver: ``"picard"`` (X <- φ(X Aᵀ + U Bᵀ)) or ``"anderson"`` (Anderson
+        solver: ``"picard"`` (X <- φ(X Aᵀ + U Bᵀ)), ``"anderson"`` (Anderson
             acceleration, same fixed point in fewer iterations when ||A||_inf is
-            close to 1); used by the forward and the backward solve.
+            close to 1) or ``"auto"`` (Picard; a sample whose residual shrinks by
+            less than a factor 0.8 per iteration for 3 iterations in a row
+            switches to Anderson for the rest of the solve: Picard's cost where
+            Picard is fast, close to Anderson's where it is slow; CPU only for
+            now); used by the forward and the backward solve.
         anderson_memory: how many past iterates Anderson mixes, 1 to 16.
+        backward: how the gradient is computed. ``"implicit"`` (default): the
+            adjoint solve to grad_tol, the exact gradient of the fixed point
+            (up to the tolerances; the only mode gradcheck applies to).
+            ``"phantom"``: ``phantom_steps`` damped adjoint steps from 0,
+            V <- (1 - phantom_tau) V + phantom_tau φ'(Z) ⊙ (V A + G) (Geng et
+            al. 2021; TorchDEQ's phantom gradient): an approximation, cheaper
+            than the solve. ``"jfb"``: Jacobian-free backprop (Fung et al.
+            2022), V = φ'(Z) ⊙ G, no product with A: a descent direction
+            under conditions on A, not the gradient. The inexact modes ignore
+            grad_mitr/grad_tol/grad_rtol; ``last_stats.backward`` reports their
+            steps (``criterion`` "steps"). (CPU only for now.)
+        phantom_steps, phantom_tau: k >= 1 and tau in (0, 1] of ``"phantom"``.
 
     After a call, ``last_stats`` tells what the solves did (see SolveStats).
     Under ``torch.autocast`` the products around the solve follow autocast,
@@ -184,6 +205,11 @@ class ImplicitModel(nn.Module):
         on_nonconvergence: str = "warn",
         solver: str = "picard",
         anderson_memory: int = 5,
+        rtol: float = 0.0,
+        grad_rtol: float = 0.0,
+        backward: str = "implicit",
+        phantom_steps: int = 5,
+        phantom_tau: float = 0.5,
     ) -> None:
         super().__init__()
         input_dim = check_positive_int("input_dim", input_dim)
@@ -210,7 +236,9 @@ class ImplicitModel(nn.Module):
         mitr = check_positive_int("mitr", mitr)  # named as the user wrote them;
         grad_mitr = check_positive_int("grad_mitr", grad_mitr)  # SolverOptions checks the rest
         self.options = F.SolverOptions(
-            mitr, tol, grad_mitr, grad_tol, on_nonconvergence, method=solver, memory=anderson_memory
+            mitr, tol, grad_mitr, grad_tol, on_nonconvergence, method=solver, memory=anderson_memory,
+            rtol=rtol, grad_rtol=grad_rtol, backward=backward, phantom_steps=phantom_steps,
+            phantom_tau=phantom_tau,
         )
 
         self.input_dim, self.output_dim, self.hidden_dim = input_dim, output_dim, hidden_dim
@@ -255,6 +283,8 @@ class ImplicitModel(nn.Module):
     grad_mitr = property(lambda self: self.options.grad_max_iter)
     tol = property(lambda self: self.options.tol)
     grad_tol = property(lambda self: self.options.grad_tol)
+    rtol = property(lambda self: self.options.rtol)
+    grad_rtol = property(lambda self: self.options.grad_rtol)
 
     def effective_A(self) -> torch.Tensor:
         """The well-posed A that the solves use (differentiable)."""
@@ -351,7 +381,7 @@ class ImplicitModel(nn.Module):
             C, D, bias_out = self.B.new_empty(0, self.hidden_dim), None, None
         return ops.implicit_layer(
             U, A, self.B, C, D, self.bias_hidden if self.bias else None, bias_out, X0,
-            well_posed, self.kappa, self.activation, self.negative_slope, *self.options.forward_args(),
+            well_posed, self.kappa, self.activation, self.negative_slope, *self.options.layer_args(),
         )
 
     def _python_layer(self, U, X0, readout):

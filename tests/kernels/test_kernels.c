@@ -24,8 +24,8 @@
 
 /* Solver settings: Picard, or Anderson with the memory and ridge the
  * library's glue uses (csrc/checks.h). */
-#define PICARD(max_iter, tol) ((idl_solver){IDL_PICARD, (max_iter), (tol), 0, 0.0})
-#define ANDERSON(max_iter, tol) ((idl_solver){IDL_ANDERSON, (max_iter), (tol), 5, 1e-10})
+#define PICARD(max_iter, tol) ((idl_solver){IDL_PICARD, (max_iter), (tol), 0, 0.0, 0.0, 0.0, 0})
+#define ANDERSON(max_iter, tol) ((idl_solver){IDL_ANDERSON, (max_iter), (tol), 5, 1e-10, 0.0, 0.0, 0})
 
 #define STR_(x) #x
 #define STR(x) STR_(x)
