@@ -57,7 +57,7 @@ AUTO_SWITCH_RATIO = 0.8  # IDL_AUTO_SWITCH_RATIO in csrc/idl.h
 AUTO_SWITCH_PATIENCE = 3  # IDL_AUTO_SWITCH_PATIENCE in csrc/idl.h
 ANDERSON_MAX_MEMORY = 16  # IDL_ANDERSON_MAX_MEMORY in csrc/idl.h
 ANDERSON_REGULARIZATION = 1e-10  # kAndersonRegularization in csrc/ops.cpp
-ANDERSON_MAX_RESTARTS = 8  # IDL_ANDERSON_MAX_RESTARTS in csrc/cpu/fixed_point.c
+ANDERSON_MAX_RESTARTS = 8  # IDL_ANDERSON_MAX_RESTARTS in csrc/idl_math.h
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@
 
 /* Elements below which a pass over the working rows stays on one thread. */
 #define IDL_PARALLEL_MIN_WORK 8192
-#define IDL_ANDERSON_MAX_RESTARTS 8
 
 static int64_t anderson_memory(idl_solver solver)
 {
@@ -45,51 +44,6 @@ static double auto_ratio(idl_solver solver)
 static int64_t auto_patience(idl_solver solver)
 {
     return solver.switch_patience > 0 ? solver.switch_patience : IDL_AUTO_SWITCH_PATIENCE;
-}
-
-/* Anderson's weights: solves the k x k system (row-major, overwritten) for
- * the right-hand side in `weights` by Gaussian elimination with partial
- * pivoting, then scales the solution to sum to 1. Returns 0, leaving garbage,
- * when the system or the sum is degenerate. */
-static int affine_weights(int64_t k, double *system, double *weights)
-{
-    for (int64_t col = 0; col < k; ++col) {
-        int64_t pivot = col;
-        for (int64_t row = col + 1; row < k; ++row)
-            if (fabs(system[row * k + col]) > fabs(system[pivot * k + col]))
-                pivot = row;
-        if (!(fabs(system[pivot * k + col]) > 0.0))
-            return 0;
-        if (pivot != col) {
-            for (int64_t j = 0; j < k; ++j) {
-                double t = system[col * k + j];
-                system[col * k + j] = system[pivot * k + j];
-                system[pivot * k + j] = t;
-            }
-            double t = weights[col];
-            weights[col] = weights[pivot];
-            weights[pivot] = t;
-        }
-        for (int64_t row = col + 1; row < k; ++row) {
-            const double factor = system[row * k + col] / system[col * k + col];
-            for (int64_t j = col; j < k; ++j)
-                system[row * k + j] -= factor * system[col * k + j];
-            weights[row] -= factor * weights[col];
-        }
-    }
-    double sum = 0.0;
-    for (int64_t row = k - 1; row >= 0; --row) {
-        double acc = weights[row];
-        for (int64_t j = row + 1; j < k; ++j)
-            acc -= system[row * k + j] * weights[j];
-        weights[row] = acc / system[row * k + row];
-        sum += weights[row];
-    }
-    if (!(fabs(sum) > 1e-300) || !isfinite(sum))
-        return 0;
-    for (int64_t i = 0; i < k; ++i)
-        weights[i] /= sum;
-    return 1;
 }
 
 #define REAL float
