@@ -8,7 +8,6 @@
 
 #include <cmath>
 #include <string>
-#include <tuple>
 #include <utility>
 
 #include "idl.h"
@@ -95,24 +94,6 @@ inline void check_square_with(const at::Tensor& A, const at::Tensor& rows,
     TORCH_CHECK_VALUE(A.size(0) == A.size(1), "idl: A must be square, got ", A.sizes());
     TORCH_CHECK_VALUE(rows.size(1) == A.size(0), "idl: ", rows_name, " must have ", A.size(0),
                       " columns (the hidden size), got ", rows.size(1));
-}
-
-// ---- non-finite inputs of a forward solve ------------------------------------
-
-// NaN or Inf in a forward solve's matrix A or offsets C0 could hide from its
-// iterates (a saturating φ maps Inf to a finite value; ReLU units all dead
-// never read A), so both devices look at them once, before iterating.
-inline bool solve_inputs_finite(const at::Tensor& A, const at::Tensor& C0) {
-    return at::isfinite(A).all().item<bool>() && at::isfinite(C0).all().item<bool>();
-}
-
-// (X, Z, stats) of a solve whose inputs are not finite: stopped before its
-// first iteration, NaN everywhere, reported as not converged.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> unsolved_nonfinite(const at::Tensor& C0) {
-    auto nan = at::full_like(C0, NAN, at::MemoryFormat::Contiguous);
-    auto stats = at::tensor({0.0, static_cast<double>(NAN), 0.0},
-                            C0.options().dtype(at::kDouble));
-    return {nan, nan.clone(), stats};
 }
 
 // ---- the arguments of each op, checked and parsed -----------------------------

@@ -10,6 +10,8 @@
 #include "idl.h"
 #include "serial_blas.h"
 
+#include <cmath>
+
 namespace {
 
 using namespace idl_checks;
@@ -61,6 +63,32 @@ at::Tensor workspace_for(int64_t m, int64_t n, const at::Tensor& like, const idl
                      like.options().dtype(at::kByte));
 }
 
+// ---- non-finite inputs of a forward solve ----------------------------------
+
+// NaN or Inf in a forward solve's matrix A or offsets C0 could hide from its
+// iterates (a saturating φ maps Inf to a finite value; ReLU units all dead
+// never read A), so they are looked for once, before iterating (the CUDA
+// solve does the same on the device). One pass without allocation or early
+// exit, so that it vectorises: at small sizes ATen's isfinite().all() would
+// cost as much as the solve.
+template <typename T>
+bool all_finite(const at::Tensor& t) {
+    const auto values = t.contiguous();
+    const T* p = values.const_data_ptr<T>();
+    bool finite = true;
+    for (int64_t i = 0, count = values.numel(); i < count; ++i) finite &= std::isfinite(p[i]);
+    return finite;
+}
+
+// (X, Z, stats) of a solve whose inputs are not finite: stopped before its
+// first iteration, NaN everywhere, reported as not converged.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> unsolved_nonfinite(const at::Tensor& c0) {
+    auto nan = at::full_like(c0, NAN);
+    idl_stats stopped{};
+    stopped.residual = NAN;
+    return {nan, nan.clone(), stats_tensor(stopped)};
+}
+
 // ---- CPU implementations ----------------------------------------------------
 
 at::Tensor project_linf_cpu(const at::Tensor& A, double kappa, c10::string_view mode) {
@@ -102,7 +130,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_cpu(const at::Tensor& A,
     RightFactor at_factor{A.t()};
     idl_matmul mm{matmul_by_factor, &at_factor};
     idl_stats stats;
-    if (!solve_inputs_finite(A, c0)) return unsolved_nonfinite(c0);
+    bool finite = true;
+    AT_DISPATCH_FLOATING_TYPES(c0.scalar_type(), "idl::fixed_point", [&] {
+        finite = all_finite<scalar_t>(A) && all_finite<scalar_t>(c0);
+    });
+    if (!finite) return unsolved_nonfinite(c0);
     AT_DISPATCH_FLOATING_TYPES(c0.scalar_type(), "idl::fixed_point", [&] {
         const scalar_t* start = x0.defined() ? x0.const_data_ptr<scalar_t>() : nullptr;
         stats = Kernels<scalar_t>::fixed_point(m, n, mm, c0.const_data_ptr<scalar_t>(), start,
