@@ -22,6 +22,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/python.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
@@ -98,6 +99,7 @@ struct Settings {
     std::string backward = "implicit";  // "implicit", "phantom" or "jfb"
     int64_t phantom_steps = 5;
     double phantom_tau = 0.5;
+    std::string on_nonconvergence = "warn";  // what a backward solve that did not converge does
 };
 
 // The settings idl::fixed_point and idl::fixed_point_adjoint (every device)
@@ -115,6 +117,9 @@ void check_settings(const Settings& s) {
                       "idl: rtol must be a finite number >= 0, got ", s.rtol);
     TORCH_CHECK_VALUE(s.grad_rtol >= 0.0 && std::isfinite(s.grad_rtol),
                       "idl: grad_rtol must be a finite number >= 0, got ", s.grad_rtol);
+    TORCH_CHECK_VALUE(s.on_nonconvergence == "warn" || s.on_nonconvergence == "raise",
+                      "idl: on_nonconvergence must be 'warn' or 'raise', got '",
+                      s.on_nonconvergence, "'");
     TORCH_CHECK_VALUE(s.well_posed == "none" || s.well_posed == "triu" ||
                           s.well_posed == "exact" || s.well_posed == "scale",
                       "idl: well_posed must be 'none', 'triu', 'exact' or 'scale', got '",
@@ -272,6 +277,18 @@ struct NoAutocast {
     c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
 };
 
+// A backward solve that did not converge is reported at once, by
+// idl/_stats.py's report_solve (a warning or an exception of idl's own
+// classes, as on_nonconvergence asks). Only that rare case calls into
+// Python: a converged backward costs nothing here.
+void report_if_not_converged(const at::Tensor& layer_stats, const std::string& policy) {
+    if (layer_stats.is_meta()) return;
+    const auto row = layer_stats[1];
+    if (row[2].item<double>() != 0.0) return;  // converged (code 1, 2 or 3)
+    pybind11::gil_scoped_acquire gil;
+    pybind11::module_::import("idl._stats").attr("report_solve")(row, "backward", policy);
+}
+
 // ---- autograd ---------------------------------------------------------------
 
 // Inputs of ImplicitLayer::apply, in order; backward returns one gradient each.
@@ -341,7 +358,10 @@ class ImplicitLayer : public torch::autograd::Function<ImplicitLayer> {
             std::tie(V, stats) = adjoint.call(A_bar, Z, G, s.activation, s.slope, s.grad_max_iter,
                                               s.grad_tol, s.method, s.memory);
         const auto& layer_stats = ctx->saved_data["stats"].toTensor();
-        if (!is_traced(layer_stats)) layer_stats[1].copy_(stats);
+        if (!is_traced(layer_stats)) {
+            layer_stats[1].copy_(stats);
+            report_if_not_converged(layer_stats, s.on_nonconvergence);
+        }
 
         const auto present = ctx->saved_data["present"].toIntVector();
         auto needs = [&](Input input) {
@@ -386,6 +406,7 @@ class ImplicitLayer : public torch::autograd::Function<ImplicitLayer> {
         d["backward"] = s.backward;
         d["phantom_steps"] = s.phantom_steps;
         d["phantom_tau"] = s.phantom_tau;
+        d["on_nonconvergence"] = s.on_nonconvergence;
     }
 
     // What backward needs of the settings (the forward solve's are not kept).
@@ -404,6 +425,7 @@ class ImplicitLayer : public torch::autograd::Function<ImplicitLayer> {
         s.backward = d["backward"].toStringRef();
         s.phantom_steps = d["phantom_steps"].toInt();
         s.phantom_tau = d["phantom_tau"].toDouble();
+        s.on_nonconvergence = d["on_nonconvergence"].toStringRef();
         return s;
     }
 };
@@ -419,20 +441,21 @@ using LayerResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
         c10::string_view activation, double slope, int64_t max_iter, double tol,                \
         int64_t grad_max_iter, double grad_tol, c10::string_view method, int64_t memory,        \
         double rtol, double grad_rtol, c10::string_view backward, int64_t phantom_steps,        \
-        double phantom_tau
+        double phantom_tau, c10::string_view on_nonconvergence
 
 #define IDL_LAYER_SETTINGS                                                                     \
     well_posed, kappa, activation, slope, max_iter, tol, grad_max_iter, grad_tol, method,       \
-        memory, rtol, grad_rtol, backward, phantom_steps, phantom_tau
+        memory, rtol, grad_rtol, backward, phantom_steps, phantom_tau, on_nonconvergence
 
 Settings settings_of(c10::string_view well_posed, double kappa, c10::string_view activation,
                      double slope, int64_t max_iter, double tol, int64_t grad_max_iter,
                      double grad_tol, c10::string_view method, int64_t memory, double rtol,
                      double grad_rtol, c10::string_view backward, int64_t phantom_steps,
-                     double phantom_tau) {
+                     double phantom_tau, c10::string_view on_nonconvergence) {
     return Settings{std::string(well_posed), kappa, std::string(activation), slope, max_iter,
                     tol, grad_max_iter, grad_tol, std::string(method), memory, rtol, grad_rtol,
-                    std::string(backward), phantom_steps, phantom_tau};
+                    std::string(backward), phantom_steps, phantom_tau,
+                    std::string(on_nonconvergence)};
 }
 
 // Below autograd (inference mode, or no input needs a gradient under a mode
@@ -461,7 +484,8 @@ TORCH_LIBRARY_FRAGMENT(idl, m) {
         "Tensor? bias_out, Tensor? X0, str well_posed, float kappa, str activation, float slope, "
         "int max_iter, float tol, int grad_max_iter, float grad_tol, str method, int memory, "
         "float rtol=0.0, float grad_rtol=0.0, str backward=\"implicit\", int phantom_steps=5, "
-        "float phantom_tau=0.5) -> (Tensor Y, Tensor X, Tensor stats)");
+        "float phantom_tau=0.5, str on_nonconvergence=\"warn\") -> (Tensor Y, Tensor X, "
+        "Tensor stats)");
 }
 
 TORCH_LIBRARY_IMPL(idl, CompositeExplicitAutograd, m) {

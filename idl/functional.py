@@ -148,10 +148,11 @@ class SolverOptions:
 
     def layer_args(self):
         """The solver arguments of idl::implicit_layer after activation/slope:
-        those of idl::fixed_point, then the relative tolerances and the
-        backward mode."""
+        those of idl::fixed_point, then the relative tolerances, the
+        backward mode and what a backward solve that did not converge does."""
         return self.forward_args() + (float(self.rtol), float(self.grad_rtol), self.backward,
-                                      self.phantom_steps, float(self.phantom_tau))
+                                      self.phantom_steps, float(self.phantom_tau),
+                                      self.on_nonconvergence)
 
 
 # ---- the Python-driven path, for user-defined phi/dphi ----------------------

@@ -361,7 +361,8 @@ class ImplicitModel(nn.Module):
         else:
             # a plain attribute: nn.Module.__setattr__ would look for a parameter first
             self.__dict__["last_stats"] = SolveStats([stats])
-            watch(stats, self.options.on_nonconvergence, X)
+            # the compiled layer's backward reports its own solve
+            watch(stats, self.options.on_nonconvergence, X if self.f.python_activation else None)
         return Y, X
 
     def _compiled_layer(self, U, X0, readout):
