@@ -52,6 +52,17 @@ __device__ bool row_cut(int64_t n, const T *a, double kappa, idl_l1_cut *cut,
     }
 }
 
+// dst[j] = the projection of src[j] through `cut` (from row_cut), for this
+// thread's entries; dst may be src.
+template <typename T>
+__device__ void project_through_cut(int64_t n, const T *src, const idl_l1_cut &cut, T *dst) {
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+        const double entry = static_cast<double>(src[j]);
+        const double gap = idl_l1_gap(cut.top, cut.unit, entry);
+        dst[j] = static_cast<T>(idl_l1_project_entry(entry, gap, cut.delta, cut.per_unit));
+    }
+}
+
 }  // namespace idl_cuda
 
 #endif  // IDL_CUDA_L1_BALL_CUH

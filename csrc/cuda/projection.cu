@@ -39,11 +39,7 @@ __global__ void project_exact_kernel(int64_t rows, int64_t cols, const T *a, int
                 dst[j] = row[j];
             continue;
         }
-        for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-            const double entry = static_cast<double>(row[j]);
-            const double gap = idl_l1_gap(cut.top, cut.unit, entry);
-            dst[j] = static_cast<T>(idl_l1_project_entry(entry, gap, cut.delta, cut.per_unit));
-        }
+        project_through_cut(cols, row, cut, dst);
     }
 }
 

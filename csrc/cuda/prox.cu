@@ -41,11 +41,7 @@ __global__ void prox_kernel(int64_t rows, int64_t cols, const T *w, int64_t ldw,
         idl_l1_cut cut;
         if (ball_cols == 0 || !row_cut(ball_cols, dst, radius, &cut, partial))
             continue;
-        for (int64_t j = threadIdx.x; j < ball_cols; j += blockDim.x) {
-            const double entry = static_cast<double>(dst[j]);
-            const double gap = idl_l1_gap(cut.top, cut.unit, entry);
-            dst[j] = static_cast<T>(idl_l1_project_entry(entry, gap, cut.delta, cut.per_unit));
-        }
+        project_through_cut(ball_cols, dst, cut, dst);
     }
 }
 
