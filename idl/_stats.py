@@ -20,7 +20,6 @@ import warnings
 from typing import Iterable, List, Optional
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
 NONCONVERGENCE_POLICIES = ("warn", "raise")
 
@@ -54,10 +53,9 @@ def is_traced(t: torch.Tensor) -> bool:
 
 
 def _has_values(stats: torch.Tensor) -> bool:
-    """False while a graph is being traced (torch.compile, fake tensors) or on
-    the meta device: there is no value to read."""
-    traced = type(stats) is not torch.Tensor and is_fake(stats)  # (is_fake is slow)
-    return not (torch.compiler.is_compiling() or traced or stats.is_meta)
+    """False while a graph is being traced or on the meta device: there is no
+    value to read."""
+    return not (is_traced(stats) or stats.is_meta)
 
 
 #: What ended a solve, by the code in the converged column.
