@@ -127,7 +127,8 @@ def check_well_posedness(kappa, projection, is_low_rank, rank, max_rank, max_ran
 
 
 class ImplicitModel(nn.Module):
-    r"""An implicit layer: Ŷ = X Cᵀ + U Dᵀ with X = φ(X Aᵀ + U Bᵀ).
+    r"""An implicit layer: Ŷ = X Cᵀ + U Dᵀ with X = φ(X Aᵀ + U Bᵀ), where the
+    skip matrix is D = d_scale · ``self.D`` (see ``d_scale``).
 
     Batch-first: U is (batch, input_dim) (more dims are flattened from dim 1),
     X is (batch, hidden_dim), the output (batch, output_dim). The forward solve
@@ -135,6 +136,7 @@ class ImplicitModel(nn.Module):
     backward is implicit differentiation, its own solve with grad_mitr and
     grad_tol. B and C are initialised as nn.Linear's weights, D = 0 and A
     small (not torchidl's randn / hidden_dim, under which ReLUs die in training).
+    (Each choice, measured on real MNIST: benchmarks/README.md, "Real data".)
 
     Args:
         input_dim, output_dim, hidden_dim: p, q and n.
@@ -143,6 +145,18 @@ class ImplicitModel(nn.Module):
             ImplicitFunction (A as is), ImplicitFunctionTriu (strictly upper
             triangular A), or a subclass overriding ``phi``/``dphi``.
         no_D: drop the U Dᵀ term.
+        d_scale: the skip path's multiplier: the model applies
+            D = d_scale · ``self.D``, so an optimizer's step on ``self.D``
+            moves D d_scale times as far. Default 1 / sqrt(input_dim), as a
+            Linear's init bounds its weights: with d_scale = 1, Adam moves every
+            entry of D by about lr per step, and on inputs that share a
+            constant background (MNIST's -1 pixels) those moves add up across
+            hundreds of inputs into one large jump of the output, which kills
+            hidden units (at Adam lr 5e-3 the 784-100-10 model ended 1 point
+            below the MLP). ``d_scale=1`` is torchidl's parametrisation;
+            ``effective_D()`` is the D the model applies. A state dict
+            without ``d_scale`` (torchidl's, or one saved before idl had it)
+            loads with d_scale = 1.
         bias: add learnt biases to the hidden pre-activation and the output.
         mitr, grad_mitr: iteration limits of the forward and backward solves.
         tol, grad_tol: absolute tolerances of the per-sample inf-norm residual.
@@ -210,6 +224,7 @@ class ImplicitModel(nn.Module):
         backward: str = "implicit",
         phantom_steps: int = 5,
         phantom_tau: float = 0.5,
+        d_scale: Optional[float] = None,
     ) -> None:
         super().__init__()
         input_dim = check_positive_int("input_dim", input_dim)
@@ -233,6 +248,9 @@ class ImplicitModel(nn.Module):
                 f"negative_slope must be in [-1, 1] (leaky_relu must be 1-Lipschitz for the "
                 f"model to be well-posed), got {negative_slope}"
             )
+        d_scale = 1.0 / math.sqrt(input_dim) if d_scale is None else check_finite_float("d_scale", d_scale)
+        if d_scale <= 0:
+            raise ValueError(f"d_scale must be > 0, got {d_scale}")
         mitr = check_positive_int("mitr", mitr)  # named as the user wrote them;
         grad_mitr = check_positive_int("grad_mitr", grad_mitr)  # SolverOptions checks the rest
         self.options = F.SolverOptions(
@@ -271,6 +289,8 @@ class ImplicitModel(nn.Module):
             self.register_buffer("D", torch.zeros(output_dim, input_dim), persistent=False)
         else:
             self.D = nn.Parameter(torch.zeros(output_dim, input_dim))
+            # a buffer, so that a state dict says how to read its D
+            self.register_buffer("d_scale", torch.tensor(d_scale))
         if bias:
             self.bias_hidden = nn.Parameter(uniform(hidden_dim, fan_in=input_dim))
             self.bias_out = nn.Parameter(uniform(output_dim, fan_in=hidden_dim))
@@ -285,6 +305,16 @@ class ImplicitModel(nn.Module):
     grad_tol = property(lambda self: self.options.grad_tol)
     rtol = property(lambda self: self.options.rtol)
     grad_rtol = property(lambda self: self.options.grad_rtol)
+
+    def effective_D(self) -> torch.Tensor:
+        """The D the model applies, d_scale · self.D (differentiable)."""
+        return self.D if self.no_D else self.D * self.d_scale
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # torchidl's state dicts (and idl's before d_scale) hold the D they apply
+        if not self.no_D and prefix + "D" in state_dict:
+            state_dict.setdefault(prefix + "d_scale", torch.tensor(1.0))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def effective_A(self) -> torch.Tensor:
         """The well-posed A that the solves use (differentiable)."""
@@ -333,7 +363,7 @@ class ImplicitModel(nn.Module):
         U = U.flatten(1) if U.dim() > 2 else U
         Y = X @ self.C.t()
         if not self.no_D:
-            Y = Y + U @ self.D.t()
+            Y = Y + U @ self.effective_D().t()
         if self.bias:
             Y = Y + self.bias_out
         return Y
@@ -376,7 +406,7 @@ class ImplicitModel(nn.Module):
             A = self.A
             well_posed = self.projection if well_posedness == "projection" else well_posedness
         if readout:
-            C, D = self.C, None if self.no_D else self.D
+            C, D = self.C, None if self.no_D else self.effective_D()
             bias_out = self.bias_out if self.bias else None
         else:  # no output wanted: q = 0
             C, D, bias_out = self.B.new_empty(0, self.hidden_dim), None, None

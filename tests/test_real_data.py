@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
 import real_data  # noqa: E402
@@ -202,6 +203,7 @@ def torchidl_init(model):
         for name in ("A", "B", "C", "D"):
             weight = getattr(model, name)
             weight.copy_(torch.randn(weight.shape) / model.hidden_dim)
+        model.d_scale.fill_(1.0)  # torchidl's parametrisation of D
     return model
 
 
@@ -215,3 +217,21 @@ def test_hidden_units_stay_active():
     assert digits_active_fraction(fresh) > 0.72
     torch.manual_seed(0)
     assert digits_active_fraction(torchidl_init(idl.ImplicitModel(64, 10, 100))) < 0.72
+
+
+def test_adam_moves_the_skip_path_d_scale_times_less():
+    """The U Dᵀ path's output moved by lr per step and per input (Adam's step
+    on every entry of D): on inputs with a shared background that added up
+    to a jump of the logits that killed hidden units. With d_scale, the
+    applied D moves by lr · d_scale per entry."""
+    import idl
+    torch.manual_seed(0)
+    U = torch.randn(32, 64)
+    y = torch.randint(0, 10, (32,))
+    for d_scale, want in ((None, 0.125), (1.0, 1.0)):
+        model = idl.ImplicitModel(64, 10, 20, d_scale=d_scale)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        F.cross_entropy(model(U), y).backward()
+        optimizer.step()
+        step = model.effective_D().detach().abs()
+        torch.testing.assert_close(step.max(), torch.tensor(1e-2 * want), rtol=1e-3, atol=0)

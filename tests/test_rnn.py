@@ -10,10 +10,10 @@ from reference import project_rows_l1
 TIGHT = dict(tol=1e-12, grad_tol=1e-12, mitr=2000, grad_mitr=2000)
 
 
-def reference_rnn(x, h0, A, B, C, D, kappa=0.99, iterations=3000):
+def reference_rnn(x, h0, A, B, C, D, d_scale, kappa=0.99, iterations=3000):
     """Independent implementation: per step, Picard on X = relu(X Aᵀ + U Bᵀ)
     from zero (a fixed number of plain iterations, with A projected by a
-    sort-based l1-ball projection), then h = X Cᵀ + U Dᵀ."""
+    sort-based l1-ball projection), then h = X Cᵀ + d_scale U Dᵀ."""
     A = project_rows_l1(A, kappa)
     h, outputs = h0, []
     for t in range(x.shape[1]):
@@ -21,7 +21,7 @@ def reference_rnn(x, h0, A, B, C, D, kappa=0.99, iterations=3000):
         X = torch.zeros(U.shape[0], A.shape[0], dtype=x.dtype)
         for _ in range(iterations):
             X = torch.relu(X @ A.t() + U @ B.t())
-        h = X @ C.t() + U @ D.t()
+        h = X @ C.t() + d_scale * (U @ D.t())
         outputs.append(h)
     return torch.stack(outputs, dim=1), h
 
@@ -52,7 +52,7 @@ def test_cell_matches_reference_with_and_without_h0():
     for h0 in (None, torch.randn(3, 4, dtype=torch.float64)):
         outputs, h = cell(x, h0)
         start = torch.zeros(3, 4, dtype=torch.float64) if h0 is None else h0
-        ref_outputs, ref_h = reference_rnn(x, start, *params(cell))
+        ref_outputs, ref_h = reference_rnn(x, start, *params(cell), cell.layer.d_scale.item())
         torch.testing.assert_close(outputs, ref_outputs, atol=1e-10, rtol=0)
         torch.testing.assert_close(h, ref_h, atol=1e-10, rtol=0)
 
@@ -119,7 +119,7 @@ def test_gradients_match_backprop_through_the_reference():
     (cell(x, h0)[0] * weights).sum().backward()
     grads = [t.grad.clone() for t in inputs]
     ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
-    (reference_rnn(*ref_inputs, iterations=200)[0] * weights).sum().backward()
+    (reference_rnn(*ref_inputs, cell.layer.d_scale.item(), iterations=200)[0] * weights).sum().backward()
     for grad, ref in zip(grads, ref_inputs):
         torch.testing.assert_close(grad, ref.grad, atol=1e-9, rtol=1e-7)
 

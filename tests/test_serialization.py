@@ -57,9 +57,25 @@ def test_state_dict_round_trip_is_exact(variant):
 
 
 def test_state_dict_holds_parameters_not_the_no_D_zeros():
-    assert set(make(0).state_dict()) == {"A", "B", "C", "D"}
+    assert set(make(0).state_dict()) == {"A", "B", "C", "D", "d_scale"}
     assert set(make(0, no_D=True, bias=True).state_dict()) == {"A", "B", "C", "bias_hidden", "bias_out"}
-    assert set(make(0, is_low_rank=True, rank=2).state_dict()) == {"L", "R", "B", "C", "D"}
+    assert set(make(0, is_low_rank=True, rank=2).state_dict()) == {"L", "R", "B", "C", "D", "d_scale"}
+
+
+def test_a_state_dict_without_d_scale_holds_the_D_it_applies():
+    """torchidl's state dicts (A, B, C, D) apply D as it is: they load with
+    d_scale = 1, whatever the model was built with."""
+    source = make(0, d_scale=1.0)
+    with torch.no_grad():
+        source.D.normal_()
+    plain = {k: v for k, v in source.state_dict().items() if k != "d_scale"}
+    target = make(1)
+    assert target.d_scale.item() == pytest.approx(ARGS["input_dim"] ** -0.5)
+    target.load_state_dict(plain)
+    assert target.d_scale.item() == 1.0
+    U = batch()
+    torch.testing.assert_close(target(U), source(U), atol=0, rtol=0)
+    torch.testing.assert_close(target.readout(U, torch.zeros(4, 6, dtype=torch.float64)), U @ source.D.t())
 
 
 def test_loading_a_mismatched_state_dict_fails_and_names_the_key():

@@ -134,6 +134,7 @@ def implicit_model_from_weights(A, B, C, D, activation_fn, kappa: float, atol: f
         f=implicit_function_for(activation_fn, well_posed),
         kappa=kappa, mitr=max_iter, grad_mitr=max_iter, tol=atol, grad_tol=atol,
         activation=activation, negative_slope=slope, bias=bias_hidden is not None,
+        d_scale=1.0,  # self.D is the fitted D
     ).to(device=A.device, dtype=A.dtype)
     with torch.no_grad():
         for name, value in zip("ABCD", (A, B, C, D)):
