@@ -72,7 +72,7 @@ def torchidl_init(model: idl.ImplicitModel) -> idl.ImplicitModel:
         for name in ("A", "B", "C", "D"):
             weight = getattr(model, name)
             weight.copy_(torch.randn(weight.shape) / model.hidden_dim)
-        model.d_scale.fill_(1.0)  # and torchidl's parametrisation of D
+        model.d_scale = 1.0  # and torchidl's parametrisation of D
     return model
 
 

@@ -1,6 +1,6 @@
 // implicit_layer.cpp: idl::implicit_layer, a whole ImplicitModel forward
 //
-//     Y = X Cᵀ + U Dᵀ + b_out,   X = φ(X Āᵀ + U Bᵀ + b_hidden),   Ā = well-posed A,
+//     Y = X Cᵀ + d_scale U Dᵀ + b_out,   X = φ(X Āᵀ + U Bᵀ + b_hidden),   Ā = well-posed A,
 //
 // as one op returning Y, the state X and the stats of its solves, whose
 // backward (implicit differentiation) is written here in C++. It is the one
@@ -16,9 +16,9 @@
 // Stats are data the op returns: a float64 tensor of shape [2, 3] on the
 // layer's device, row 0 the forward solve's [iterations, residual, converged],
 // row 1 the backward solve's, [-1, 0, 0] (not run) until the backward pass
-// writes it. How a
-// solve that did not converge is reported (warn or raise) is the caller's
-// business (idl/_stats.py).
+// writes it. A solve that did not converge is reported (a warning or an
+// exception, as on_nonconvergence asks) by idl/_stats.py's report_solve, which
+// the op calls only in that rare case: a converged solve costs nothing here.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -99,7 +99,8 @@ struct Settings {
     std::string backward = "implicit";  // "implicit", "phantom" or "jfb"
     int64_t phantom_steps = 5;
     double phantom_tau = 0.5;
-    std::string on_nonconvergence = "warn";  // what a backward solve that did not converge does
+    std::string on_nonconvergence = "warn";  // what a solve that did not converge does
+    double d_scale = 1.0;                    // the skip path applies d_scale · D
 };
 
 // The settings idl::fixed_point and idl::fixed_point_adjoint (every device)
@@ -117,6 +118,7 @@ void check_settings(const Settings& s) {
                       "idl: rtol must be a finite number >= 0, got ", s.rtol);
     TORCH_CHECK_VALUE(s.grad_rtol >= 0.0 && std::isfinite(s.grad_rtol),
                       "idl: grad_rtol must be a finite number >= 0, got ", s.grad_rtol);
+    TORCH_CHECK_VALUE(std::isfinite(s.d_scale), "idl: d_scale must be finite, got ", s.d_scale);
     TORCH_CHECK_VALUE(s.on_nonconvergence == "warn" || s.on_nonconvergence == "raise",
                       "idl: on_nonconvergence must be 'warn' or 'raise', got '",
                       s.on_nonconvergence, "'");
@@ -256,7 +258,7 @@ LayerForward layer_forward(const at::Tensor& U, const at::Tensor& A, const at::T
                        s.grad_max_iter, s.grad_tol, s.method, s.memory);
     }
     f.Y = bias_out.has_value() ? at::addmm(*bias_out, f.X, C.t()) : at::mm(f.X, C.t());
-    if (D.has_value()) f.Y.addmm_(U, D->t());
+    if (D.has_value()) f.Y.addmm_(U, D->t(), 1.0, s.d_scale);
     f.stats = layer_stats(solve_stats);
     return f;
 }
@@ -277,16 +279,30 @@ struct NoAutocast {
     c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
 };
 
-// A backward solve that did not converge is reported at once, by
+enum StatsRow : int64_t { kForwardRow = 0, kBackwardRow = 1 };
+
+// Reports the solve of one stats row at once if it did not converge, by
 // idl/_stats.py's report_solve (a warning or an exception of idl's own
-// classes, as on_nonconvergence asks). Only that rare case calls into
-// Python: a converged backward costs nothing here.
-void report_if_not_converged(const at::Tensor& layer_stats, const std::string& policy) {
-    if (layer_stats.is_meta()) return;
-    const auto row = layer_stats[1];
+// classes, as on_nonconvergence asks). Only that rare case calls into Python.
+void report_if_not_converged(const at::Tensor& layer_stats, StatsRow index,
+                             const std::string& policy) {
+    if (layer_stats.is_meta() || is_traced(layer_stats)) return;
+    const auto row = layer_stats[index];
     if (row[2].item<double>() != 0.0) return;  // converged (code 1, 2 or 3)
     pybind11::gil_scoped_acquire gil;
-    pybind11::module_::import("idl._stats").attr("report_solve")(row, "backward", policy);
+    pybind11::module_::import("idl._stats")
+        .attr("report_solve")(row, index == kForwardRow ? "forward" : "backward", policy,
+                              layer_stats);
+}
+
+// The layer's forward, reported.
+LayerForward reported_forward(const at::Tensor& U, const at::Tensor& A, const at::Tensor& B,
+                              const at::Tensor& C, const OptTensor& D,
+                              const OptTensor& bias_hidden, const OptTensor& bias_out,
+                              const OptTensor& X0, const Settings& s) {
+    auto f = layer_forward(U, A, B, C, D, bias_hidden, bias_out, X0, s);
+    report_if_not_converged(f.stats, kForwardRow, s.on_nonconvergence);
+    return f;
 }
 
 // ---- autograd ---------------------------------------------------------------
@@ -308,7 +324,7 @@ class ImplicitLayer : public torch::autograd::Function<ImplicitLayer> {
         // autograd layer (Python, for the idl:: ops) altogether.
         at::AutoDispatchBelowADInplaceOrView below_autograd;
         const NoAutocast no_autocast;
-        auto f = layer_forward(U, A, B, C, D, bias_hidden, bias_out, X0, s);
+        auto f = reported_forward(U, A, B, C, D, bias_hidden, bias_out, X0, s);
         // X is saved as the output it is, so that a double backward (with
         // create_graph) differentiates through it rather than taking it as a
         // constant.
@@ -359,8 +375,8 @@ class ImplicitLayer : public torch::autograd::Function<ImplicitLayer> {
                                               s.grad_tol, s.method, s.memory);
         const auto& layer_stats = ctx->saved_data["stats"].toTensor();
         if (!is_traced(layer_stats)) {
-            layer_stats[1].copy_(stats);
-            report_if_not_converged(layer_stats, s.on_nonconvergence);
+            layer_stats[kBackwardRow].copy_(stats);
+            report_if_not_converged(layer_stats, kBackwardRow, s.on_nonconvergence);
         }
 
         const auto present = ctx->saved_data["present"].toIntVector();
@@ -374,12 +390,12 @@ class ImplicitLayer : public torch::autograd::Function<ImplicitLayer> {
         variable_list out(kInputs);
         if (needs(kU)) {
             out[kU] = V.mm(B);
-            if (D.defined() && dY.defined()) out[kU] = out[kU].addmm(dY, D);
+            if (D.defined() && dY.defined()) out[kU] = out[kU].addmm(dY, D, 1.0, s.d_scale);
         }
         if (needs(kA)) out[kA] = well_posed_backward(V.t().mm(X), A, s);
         if (needs(kB)) out[kB] = V.t().mm(U);
         if (needs(kC)) out[kC] = dY.defined() ? dY.t().mm(X) : at::zeros_like(C);
-        if (needs(kD)) out[kD] = dY.defined() ? dY.t().mm(U) : at::zeros_like(D);
+        if (needs(kD)) out[kD] = dY.defined() ? dY.t().mm(U).mul_(s.d_scale) : at::zeros_like(D);
         if (needs(kBiasHidden)) out[kBiasHidden] = V.sum(0);
         if (needs(kBiasOut)) out[kBiasOut] = dY.defined() ? dY.sum(0) : at::zeros({C.size(0)}, C.options());
         return out;
@@ -407,6 +423,7 @@ class ImplicitLayer : public torch::autograd::Function<ImplicitLayer> {
         d["phantom_steps"] = s.phantom_steps;
         d["phantom_tau"] = s.phantom_tau;
         d["on_nonconvergence"] = s.on_nonconvergence;
+        d["d_scale"] = s.d_scale;
     }
 
     // What backward needs of the settings (the forward solve's are not kept).
@@ -426,6 +443,7 @@ class ImplicitLayer : public torch::autograd::Function<ImplicitLayer> {
         s.phantom_steps = d["phantom_steps"].toInt();
         s.phantom_tau = d["phantom_tau"].toDouble();
         s.on_nonconvergence = d["on_nonconvergence"].toStringRef();
+        s.d_scale = d["d_scale"].toDouble();
         return s;
     }
 };
@@ -441,21 +459,21 @@ using LayerResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
         c10::string_view activation, double slope, int64_t max_iter, double tol,                \
         int64_t grad_max_iter, double grad_tol, c10::string_view method, int64_t memory,        \
         double rtol, double grad_rtol, c10::string_view backward, int64_t phantom_steps,        \
-        double phantom_tau, c10::string_view on_nonconvergence
+        double phantom_tau, c10::string_view on_nonconvergence, double d_scale
 
 #define IDL_LAYER_SETTINGS                                                                     \
     well_posed, kappa, activation, slope, max_iter, tol, grad_max_iter, grad_tol, method,       \
-        memory, rtol, grad_rtol, backward, phantom_steps, phantom_tau, on_nonconvergence
+        memory, rtol, grad_rtol, backward, phantom_steps, phantom_tau, on_nonconvergence, d_scale
 
 Settings settings_of(c10::string_view well_posed, double kappa, c10::string_view activation,
                      double slope, int64_t max_iter, double tol, int64_t grad_max_iter,
                      double grad_tol, c10::string_view method, int64_t memory, double rtol,
                      double grad_rtol, c10::string_view backward, int64_t phantom_steps,
-                     double phantom_tau, c10::string_view on_nonconvergence) {
+                     double phantom_tau, c10::string_view on_nonconvergence, double d_scale) {
     return Settings{std::string(well_posed), kappa, std::string(activation), slope, max_iter,
                     tol, grad_max_iter, grad_tol, std::string(method), memory, rtol, grad_rtol,
                     std::string(backward), phantom_steps, phantom_tau,
-                    std::string(on_nonconvergence)};
+                    std::string(on_nonconvergence), d_scale};
 }
 
 // Below autograd (inference mode, or no input needs a gradient under a mode
@@ -463,7 +481,7 @@ Settings settings_of(c10::string_view well_posed, double kappa, c10::string_view
 LayerResult implicit_layer_forward(IDL_LAYER_PARAMS) {
     const auto s = settings_of(IDL_LAYER_SETTINGS);
     const NoAutocast no_autocast;
-    auto f = layer_forward(U, A, B, C, D, bias_hidden, bias_out, X0, s);
+    auto f = reported_forward(U, A, B, C, D, bias_hidden, bias_out, X0, s);
     return {f.Y, f.X, f.stats};
 }
 
@@ -484,8 +502,8 @@ TORCH_LIBRARY_FRAGMENT(idl, m) {
         "Tensor? bias_out, Tensor? X0, str well_posed, float kappa, str activation, float slope, "
         "int max_iter, float tol, int grad_max_iter, float grad_tol, str method, int memory, "
         "float rtol=0.0, float grad_rtol=0.0, str backward=\"implicit\", int phantom_steps=5, "
-        "float phantom_tau=0.5, str on_nonconvergence=\"warn\") -> (Tensor Y, Tensor X, "
-        "Tensor stats)");
+        "float phantom_tau=0.5, str on_nonconvergence=\"warn\", float d_scale=1.0) -> (Tensor Y, "
+        "Tensor X, Tensor stats)");
 }
 
 TORCH_LIBRARY_IMPL(idl, CompositeExplicitAutograd, m) {

@@ -9,11 +9,12 @@ the absolute test (residual <= tol), 2 some sample stopped on the relative
 part of the test (tol < residual <= tol + rtol ||x||_inf), 3 a fixed number of
 steps with no test to meet (the "phantom" and "jfb" backward modes); row 1 is
 [-1, 0, 0] (no iterations: not run) until the backward pass has run and
-written it. ``SolveStats`` reads that
-tensor; :func:`watch` reports the forward row at once and the backward row
-when the backward pass of the solve's outputs has run, warning
-(``ImplicitFunctionWarning``) or raising (``SolveNotConverged``) as the caller
-asked.
+written it. ``SolveStats`` reads that tensor. :func:`report_solve` warns
+(``ImplicitFunctionWarning``) or raises (``SolveNotConverged``) for a row
+whose solve did not converge, as the caller asked: idl::implicit_layer calls
+it from C++ for its own two solves, and only then; for the Python-driven
+solves :func:`watch` reports the forward row at once and the backward row
+when the backward pass of the solve's outputs has run.
 """
 import math
 import warnings
@@ -30,7 +31,13 @@ class ImplicitFunctionWarning(RuntimeWarning):
 
 class SolveNotConverged(RuntimeError):
     """A fixed-point solve stopped before converging, and the caller asked for
-    an error rather than a warning (``on_nonconvergence="raise"``)."""
+    an error rather than a warning (``on_nonconvergence="raise"``). ``stats``:
+    the stats tensor of the solve (None where the reporter had none), so that
+    a module that raised still says what its solve did."""
+
+    def __init__(self, message: str, stats: Optional[torch.Tensor] = None) -> None:
+        super().__init__(message)
+        self.stats = stats
 
 
 #: The row of a solve that has not run (-1 iterations). Not NaN: NaN would
@@ -70,10 +77,12 @@ def _record(values) -> Optional[dict]:
             "criterion": CRITERIA.get(int(converged), None)}
 
 
-def report_solve(row: torch.Tensor, what: str, on_nonconvergence: str) -> Optional[dict]:
+def report_solve(row: torch.Tensor, what: str, on_nonconvergence: str,
+                 stats: Optional[torch.Tensor] = None) -> Optional[dict]:
     """Read one row of stats [iterations, residual, converged] (``what`` is
-    "forward" or "backward") and warn or raise if that solve did not converge.
-    Returns its record, None when there is nothing to read."""
+    "forward" or "backward") and warn or raise if that solve did not converge;
+    ``stats``, the whole stats tensor the row belongs to, goes with the
+    exception. Returns the row's record, None when there is nothing to read."""
     if not _has_values(row):
         return None
     record = _record(row.tolist())
@@ -89,7 +98,7 @@ def report_solve(row: torch.Tensor, what: str, on_nonconvergence: str) -> Option
         f"iterations={record['iterations']}, residual={residual:.3e}"
     )
     if on_nonconvergence == "raise":
-        raise SolveNotConverged(message)
+        raise SolveNotConverged(message, stats)
     warnings.warn(message, ImplicitFunctionWarning, stacklevel=4)
     return record
 
@@ -97,15 +106,17 @@ def report_solve(row: torch.Tensor, what: str, on_nonconvergence: str) -> Option
 def watch(stats: torch.Tensor, on_nonconvergence: str, output: Optional[torch.Tensor]) -> None:
     """Report the forward solve of ``stats`` now, and its backward solve once
     the backward pass through ``output`` (an output of the solve) has run.
-    ``output`` None: the solve's backward reports itself (idl::implicit_layer
-    does, at no cost when it converged; a hook here costs ~25 us a step)."""
-    report_solve(stats[0], "forward", on_nonconvergence)
+    ``output`` None: the solve's backward reports itself. (idl::implicit_layer
+    reports both of its solves itself, calling report_solve only for one that
+    did not converge: reading the forward row here cost ~3 us a step, and a
+    hook on the autograd node ~25 us.)""
+    report_solve(stats[0], "forward", on_nonconvergence, stats)
     node = None if output is None else output.grad_fn
     if node is None or not _has_values(stats):
         return
 
     def report_backward(grad_inputs, grad_outputs):  # returns None: grads unchanged
-        report_solve(stats[1], "backward", on_nonconvergence)
+        report_solve(stats[1], "backward", on_nonconvergence, stats)
 
     node.register_hook(report_backward)
 

@@ -10,7 +10,7 @@ from torch import nn
 from . import functional as F
 from ._checks import autocasting, check_finite_float, check_like, check_positive_int
 from ._ops import ops
-from ._stats import SolveStats, new_stats, watch
+from ._stats import SolveNotConverged, SolveStats, new_stats, watch
 
 
 class ImplicitFunction:
@@ -289,8 +289,7 @@ class ImplicitModel(nn.Module):
             self.register_buffer("D", torch.zeros(output_dim, input_dim), persistent=False)
         else:
             self.D = nn.Parameter(torch.zeros(output_dim, input_dim))
-            # a buffer, so that a state dict says how to read its D
-            self.register_buffer("d_scale", torch.tensor(d_scale))
+        self.d_scale = 1.0 if no_D else d_scale
         if bias:
             self.bias_hidden = nn.Parameter(uniform(hidden_dim, fan_in=input_dim))
             self.bias_out = nn.Parameter(uniform(output_dim, fan_in=hidden_dim))
@@ -308,12 +307,20 @@ class ImplicitModel(nn.Module):
 
     def effective_D(self) -> torch.Tensor:
         """The D the model applies, d_scale · self.D (differentiable)."""
-        return self.D if self.no_D else self.D * self.d_scale
+        return self.D * self.d_scale
+
+    # A state dict says how to read its D: it holds d_scale as a 0-dim tensor
+    # beside D. On the module, d_scale is a float (the op and compiled graphs
+    # take it as a constant), so it is saved and loaded by hand.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not self.no_D:
+            destination[prefix + "d_scale"] = torch.tensor(self.d_scale, dtype=torch.float64)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # torchidl's state dicts (and idl's before d_scale) hold the D they apply
         if not self.no_D and prefix + "D" in state_dict:
-            state_dict.setdefault(prefix + "d_scale", torch.tensor(1.0))
+            # torchidl's state dicts (and idl's before d_scale) hold the D they apply
+            self.d_scale = float(state_dict.pop(prefix + "d_scale", 1.0))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def effective_A(self) -> torch.Tensor:
@@ -382,18 +389,24 @@ class ImplicitModel(nn.Module):
             if Y is not None and Y.dtype == torch.float32:
                 Y = Y.to(torch.get_autocast_dtype(device))
             return Y, X
-        if self.f.python_activation:
-            Y, X, stats = self._python_layer(U, X0, readout)
-        else:
-            Y, X, stats = self._compiled_layer(U, X0, readout)
-        if torch.compiler.is_compiling():  # a compiled graph cannot read stats
-            self.__dict__["last_stats"] = None
-        else:
-            # a plain attribute: nn.Module.__setattr__ would look for a parameter first
-            self.__dict__["last_stats"] = SolveStats([stats])
-            # the compiled layer's backward reports its own solve
-            watch(stats, self.options.on_nonconvergence, X if self.f.python_activation else None)
+        try:
+            if self.f.python_activation:
+                Y, X, stats = self._python_layer(U, X0, readout)
+                # the op reports its own solves; the Python-driven one is watched
+                watch(stats, self.options.on_nonconvergence, X)
+            else:
+                Y, X, stats = self._compiled_layer(U, X0, readout)
+        except SolveNotConverged as error:  # raised: last_stats still says what the solve did
+            self._keep_stats(error.stats)
+            raise
+        self._keep_stats(stats)
         return Y, X
+
+    def _keep_stats(self, stats: Optional[torch.Tensor]) -> None:
+        # a compiled graph cannot read stats; a plain attribute, since
+        # nn.Module.__setattr__ would look for a parameter first
+        keep = stats is not None and not torch.compiler.is_compiling()
+        self.__dict__["last_stats"] = SolveStats([stats]) if keep else None
 
     def _compiled_layer(self, U, X0, readout):
         """idl::implicit_layer, which makes A well-posed itself where the
@@ -406,13 +419,14 @@ class ImplicitModel(nn.Module):
             A = self.A
             well_posed = self.projection if well_posedness == "projection" else well_posedness
         if readout:
-            C, D = self.C, None if self.no_D else self.effective_D()
+            C, D = self.C, None if self.no_D else self.D
             bias_out = self.bias_out if self.bias else None
         else:  # no output wanted: q = 0
             C, D, bias_out = self.B.new_empty(0, self.hidden_dim), None, None
         return ops.implicit_layer(
             U, A, self.B, C, D, self.bias_hidden if self.bias else None, bias_out, X0,
             well_posed, self.kappa, self.activation, self.negative_slope, *self.options.layer_args(),
+            d_scale=self.d_scale,
         )
 
     def _python_layer(self, U, X0, readout):

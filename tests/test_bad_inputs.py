@@ -42,8 +42,10 @@ def solve(A, C0, X0=None, activation="relu", max_iter=10, tol=1e-6):
     return lambda: torch.ops.idl.fixed_point(A, C0, X0, activation, 0.0, max_iter, tol, 10, 1e-6)
 
 
-U = torch.randn(2, 3)
-A4 = torch.randn(4, 4) * 0.1
+# seeded: a test's outcome must not depend on the order tests draw numbers in
+_numbers = torch.Generator().manual_seed(0)
+U = torch.randn(2, 3, generator=_numbers)
+A4 = torch.randn(4, 4, generator=_numbers) * 0.1
 META = dict(device="meta")
 
 # (id, the bad call, exception type, words its message must contain)
@@ -58,6 +60,9 @@ IMPLICIT_MODEL_CASES = [
     ("rank_float", lambda: model(is_low_rank=True, rank=2.0), TypeError, "rank"),
     ("rank_negative", lambda: model(is_low_rank=True, rank=-1), ValueError, "rank"),
     ("grad_mitr_zero", lambda: model(grad_mitr=0), ValueError, "grad_mitr"),
+    ("d_scale_zero", lambda: model(d_scale=0.0), ValueError, "d_scale"),
+    ("d_scale_nan", lambda: model(d_scale=float("nan")), ValueError, "d_scale"),
+    ("d_scale_str", lambda: model(d_scale="1"), TypeError, "d_scale"),
     ("mitr_beyond_int64", lambda: model(mitr=2**63), ValueError, "max_iter"),
     ("mitr_float", lambda: model(mitr=1.5), TypeError, "mitr"),
     ("tol_inf", lambda: model(tol=float("inf")), ValueError, "tol"),

@@ -32,22 +32,22 @@ def layer_inputs(seed=0, D=True, bias=True, X0=False, requires_grad=True):
     )
 
 
-def call(inputs, well_posed="exact", activation="tanh", kappa=0.9, solver=SOLVER):
+def call(inputs, well_posed="exact", activation="tanh", kappa=0.9, solver=SOLVER, d_scale=1.0):
     """(Y, stats) of the op: its X is checked through the model's implicit_state."""
     i = inputs
     Y, _X, stats = ops.implicit_layer(i["U"], i["A"], i["B"], i["C"], i["D"], i["bias_hidden"],
                                       i["bias_out"], i["X0"], well_posed, kappa, activation, 0.1,
-                                      *solver)
+                                      *solver, d_scale=d_scale)
     return Y, stats
 
 
-def reference(inputs, well_posed, activation, kappa=0.9):
+def reference(inputs, well_posed, activation, kappa=0.9, d_scale=1.0):
     i = {k: (v.detach() if v is not None else None) for k, v in inputs.items()}
     A = {"none": lambda A: A, "triu": lambda A: torch.triu(A, 1),
          "exact": lambda A: project_rows_l1(A, kappa), "scale": lambda A: project_scale(A, kappa)}[well_posed](i["A"])
     C0 = i["U"] @ i["B"].T + (0 if i["bias_hidden"] is None else i["bias_hidden"])
     X = picard(A, C0, activation, slope=0.1)
-    Y = X @ i["C"].T + (0 if i["D"] is None else i["U"] @ i["D"].T)
+    Y = X @ i["C"].T + (0 if i["D"] is None else d_scale * (i["U"] @ i["D"].T))
     return Y + (0 if i["bias_out"] is None else i["bias_out"])
 
 
@@ -64,6 +64,22 @@ def test_output_matches_reference(well_posed, activation):
     torch.testing.assert_close(Y, reference(inputs, well_posed, activation), atol=1e-11, rtol=0)
     assert stats[0, 2] == 1.0 and stats[0, 1] <= 1e-13
     assert stats[1].tolist() == [-1.0, 0.0, 0.0]  # the backward row: not run yet
+
+
+def test_d_scale_scales_the_skip_path_and_its_gradients():
+    """Y = X Cᵀ + d_scale U Dᵀ + b: the output against the reference, and
+    gradcheck (dL/dD and dL/dU carry the factor)."""
+    inputs = layer_inputs()
+    Y, _ = call(inputs, d_scale=0.3)
+    torch.testing.assert_close(Y, reference(inputs, "exact", "tanh", d_scale=0.3), atol=1e-11, rtol=0)
+    names = [k for k, v in inputs.items() if v is not None and v.requires_grad]
+
+    def f(*tensors):
+        return call({**inputs, **dict(zip(names, tensors))}, d_scale=0.3)[0]
+
+    assert torch.autograd.gradcheck(f, tuple(inputs[k] for k in names))
+    with pytest.raises(ValueError, match="d_scale must be finite"):
+        call(inputs, d_scale=float("inf"))
 
 
 @pytest.mark.parametrize("well_posed", WELL_POSED)
@@ -93,7 +109,7 @@ def test_opcheck(optional):
     inputs = layer_inputs(D=optional == "all", bias=optional == "all", X0=optional == "all")
     i = inputs
     args = (i["U"], i["A"], i["B"], i["C"], i["D"], i["bias_hidden"], i["bias_out"], i["X0"],
-            "exact", 0.9, "tanh", 0.1, *SOLVER)
+            "exact", 0.9, "tanh", 0.1, *SOLVER, 0.0, 0.0, "implicit", 5, 0.5, "warn", 0.3)
     opcheck_with_stats(ops.implicit_layer.default, args, stats_index=2)
 
 

@@ -203,7 +203,7 @@ def torchidl_init(model):
         for name in ("A", "B", "C", "D"):
             weight = getattr(model, name)
             weight.copy_(torch.randn(weight.shape) / model.hidden_dim)
-        model.d_scale.fill_(1.0)  # torchidl's parametrisation of D
+        model.d_scale = 1.0  # torchidl's parametrisation of D
     return model
 
 

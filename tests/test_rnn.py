@@ -52,7 +52,7 @@ def test_cell_matches_reference_with_and_without_h0():
     for h0 in (None, torch.randn(3, 4, dtype=torch.float64)):
         outputs, h = cell(x, h0)
         start = torch.zeros(3, 4, dtype=torch.float64) if h0 is None else h0
-        ref_outputs, ref_h = reference_rnn(x, start, *params(cell), cell.layer.d_scale.item())
+        ref_outputs, ref_h = reference_rnn(x, start, *params(cell), cell.layer.d_scale)
         torch.testing.assert_close(outputs, ref_outputs, atol=1e-10, rtol=0)
         torch.testing.assert_close(h, ref_h, atol=1e-10, rtol=0)
 
@@ -119,7 +119,7 @@ def test_gradients_match_backprop_through_the_reference():
     (cell(x, h0)[0] * weights).sum().backward()
     grads = [t.grad.clone() for t in inputs]
     ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
-    (reference_rnn(*ref_inputs, cell.layer.d_scale.item(), iterations=200)[0] * weights).sum().backward()
+    (reference_rnn(*ref_inputs, cell.layer.d_scale, iterations=200)[0] * weights).sum().backward()
     for grad, ref in zip(grads, ref_inputs):
         torch.testing.assert_close(grad, ref.grad, atol=1e-9, rtol=1e-7)
 
