@@ -50,10 +50,15 @@ from ._attention_kernels import (  # noqa: F401  (the attention math is idl.atte
     solve_sequences,
     squash,
 )
-from ._checks import autocasting, check_like, check_positive_int
+from ._checks import (
+    autocasting,
+    check_like,
+    check_positive_int,
+    check_well_posedness,
+    refuse_function_transforms,
+)
 from ._ops import attention_solve, attention_value_solve
 from ._stats import SolveStats, watch
-from .implicit import check_well_posedness, refuse_function_transforms
 
 FEEDBACKS = ("values", "full")
 
