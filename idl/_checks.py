@@ -3,10 +3,11 @@ and what was expected (a TypeError for the wrong kind of value, a ValueError
 for a value out of range)."""
 import math
 import operator
+import warnings
 
 import torch
 
-from .functional import as_float
+from .functional import PROJECTIONS, as_float, check_kappa
 
 
 def as_int(name, value) -> int:
@@ -57,3 +58,42 @@ def check_like(t: torch.Tensor, param: torch.Tensor, name: str) -> None:
             f"{name} is on {t.device} but the model's parameters are on {param.device}; "
             f"move one of them (e.g. model.to({str(t.device)!r}))"
         )
+
+
+def check_well_posedness(kappa, projection, is_low_rank, rank, max_rank, max_rank_text):
+    """Checks the settings that keep A well-posed (shared by every implicit
+    layer): kappa in (0, 1], a known projection, and with is_low_rank a rank
+    in [1, max_rank] (``max_rank_text`` says in the message what bounds it).
+    A rank without is_low_rank is ignored, as torchidl does, with a warning.
+    Returns kappa and rank as a float and an int (or None)."""
+    kappa = check_kappa(kappa)
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    if rank is not None and not is_low_rank:
+        warnings.warn(f"rank={rank} is ignored: A is full rank unless is_low_rank=True",
+                      UserWarning, stacklevel=3)
+    if is_low_rank:
+        if rank is None:
+            raise ValueError("rank is required when is_low_rank=True")
+        rank = check_positive_int("rank", rank)
+        if rank > max_rank:
+            raise ValueError(f"rank must be <= {max_rank_text}, got {rank}")
+    return kappa, rank
+
+
+def refuse_function_transforms(who: str) -> None:
+    """A clear error under torch.func's transforms (vmap, grad, jacrev, jvp,
+    ...), which the solves' autograd (a C++ autograd function, and Python
+    ones without vmap rules) cannot serve: rather than torch's own message
+    about C++ functions or data pointers."""
+    if torch.compiler.is_compiling():  # dynamo runs transforms its own way
+        return
+    interpreter = torch._C._functorch.peek_interpreter_stack()
+    if interpreter is None:
+        return
+    transform = str(interpreter.key()).rsplit(".", 1)[-1].lower()
+    raise NotImplementedError(
+        f"idl: {who} does not support torch.func transforms yet (called under torch.func's "
+        f"{transform}): use torch.autograd.grad for gradients, and a loop over samples instead "
+        "of vmap (an implicit layer is row-wise: a batch is already a loop over samples)"
+    )

@@ -1,13 +1,20 @@
-"""The compiled idl:: ops: loading, fake (meta) kernels and autograd formulas.
+"""The idl:: ops: loading, fake (meta) kernels and autograd formulas.
 
-The ops themselves are registered in C++ (csrc/ops.cpp). This module adds what
-torch needs around them: shape-only fake kernels (for torch.compile and meta
-tensors) and the backward formulas, so each op is differentiable on its own.
+The compiled ops are registered in C++ (csrc/ops.cpp); the attention ops, whose
+kernels are Python (idl/_attention_kernels.py), are declared here. This module
+adds what torch needs around them all: shape-only fake kernels (for
+torch.compile and meta tensors) and the backward formulas, so each op is
+differentiable on its own.
 """
+import math
+import warnings
+
 import torch
 
 from . import _C  # noqa: F401  (loading the library registers torch.ops.idl)
-from ._stats import report_solve
+from . import _attention_kernels as kernels
+from ._attention_kernels import check_op_args
+from ._stats import ImplicitFunctionWarning, is_traced, report_solve
 
 ops = torch.ops.idl
 
@@ -162,6 +169,103 @@ def _(W, threshold, radius, ball_cols):
     return _contiguous_like(W)
 
 
+# ---- attention (kernels: idl/_attention_kernels.py) ---------------------------
+#
+# Custom ops, so that torch.compile(fullgraph=True) sees one opaque call per
+# solve (the loops inside stop on data) and traces around it from the fake
+# kernels.
+
+
+def _attention_op(name):
+    """The op idl::``name`` of the kernel ``name``, its schema read from the
+    kernel's annotations."""
+    return torch.library.custom_op(f"idl::{name}", mutates_args=())(getattr(kernels, name))
+
+
+attention_solve = _attention_op("attention_solve")
+attention_adjoint = _attention_op("attention_adjoint")
+attention_value_solve = _attention_op("attention_value_solve")
+attention_value_adjoint = _attention_op("attention_value_adjoint")
+
+
+@attention_solve.register_fake
+def _(A, C0, attention, max_iter, tol, grad_max_iter, grad_tol, method, memory, mask=None, causal=True,
+      bounded=False):
+    check_op_args({"A": A, "C0": C0}, attention, max_iter, tol, method, memory, mask)
+    return C0.new_empty(C0.shape[:-1] + (A.shape[-1],)), torch.empty(2, 3, dtype=torch.float64)
+
+
+@attention_adjoint.register_fake
+def _(A, C0, X, G, attention, max_iter, tol, method, memory, mask=None, causal=True, bounded=False):
+    check_op_args({"A": A, "C0": C0, "X": X, "G": G}, attention, max_iter, tol, method, memory, mask)
+    return A.new_empty(A.shape), C0.new_empty(C0.shape), torch.empty(3, dtype=torch.float64)
+
+
+@attention_value_solve.register_fake
+def _(Avv, Avo, Cp, Wt, squashed, max_iter, tol, grad_max_iter, grad_tol, method, memory):
+    check_op_args({"Avv": Avv, "Avo": Avo, "Cp": Cp, "Wt": Wt}, "softmax", max_iter, tol, method, memory)
+    return Cp.new_empty(Cp.shape), torch.empty(2, 3, dtype=torch.float64)
+
+
+@attention_value_adjoint.register_fake
+def _(Avv, Avo, Wt, v, G, squashed, max_iter, tol, method, memory):
+    return (Avv.new_empty(Avv.shape), Avo.new_empty(Avo.shape), v.new_empty(v.shape), Wt.new_empty(Wt.shape),
+            torch.empty(3, dtype=torch.float64))
+
+
+def _report_adjoint(ctx, stats, grads):
+    """The adjoint's stats into row 1 of the forward's, and a warning where it
+    diverged and its kernel returned zero gradients (eager only: a traced
+    solve's stats hold no values)."""
+    if is_traced(ctx.stats):
+        return
+    ctx.stats[1] = stats
+    residual = stats[1].item()
+    if (not math.isfinite(residual) or not stats[2].item()) and not any(torch.any(g).item() for g in grads):
+        warnings.warn(
+            f"idl: the attention adjoint solve diverged (residual {residual:.3e}): this layer's "
+            "gradient is set to zero for this step rather than handed to the optimizer",
+            ImplicitFunctionWarning, stacklevel=3)
+
+
+def _attention_setup(ctx, inputs, output):
+    A, C0, attention, _max_iter, _tol, grad_max_iter, grad_tol, method, memory, mask, causal, bounded = inputs
+    X, stats = output
+    ctx.save_for_backward(A, C0, X)
+    ctx.mask = mask
+    ctx.settings = (attention, grad_max_iter, grad_tol, method, memory)
+    ctx.flags = (causal, bounded)
+    ctx.stats = stats
+    ctx.mark_non_differentiable(stats)
+
+
+def _attention_backward(ctx, grad_X, _grad_stats):
+    A, C0, X = ctx.saved_tensors
+    grad_A, grad_C0, stats = attention_adjoint(A, C0, X, grad_X, *ctx.settings, ctx.mask, *ctx.flags)
+    _report_adjoint(ctx, stats, (grad_A, grad_C0))
+    return grad_A, grad_C0, None, None, None, None, None, None, None, None, None, None
+
+
+def _value_setup(ctx, inputs, output):
+    Avv, Avo, Cp, Wt, squashed, _max_iter, _tol, grad_max_iter, grad_tol, method, memory = inputs
+    v, stats = output
+    ctx.save_for_backward(Avv, Avo, Wt, v)
+    ctx.settings = (squashed, grad_max_iter, grad_tol, method, memory)
+    ctx.stats = stats
+    ctx.mark_non_differentiable(stats)
+
+
+def _value_backward(ctx, grad_v, _grad_stats):
+    Avv, Avo, Wt, v = ctx.saved_tensors
+    grad_Avv, grad_Avo, grad_Cp, grad_Wt, stats = attention_value_adjoint(Avv, Avo, Wt, v, grad_v, *ctx.settings)
+    _report_adjoint(ctx, stats, (grad_Avv, grad_Avo, grad_Cp, grad_Wt))
+    return grad_Avv, grad_Avo, grad_Cp, grad_Wt, None, None, None, None, None, None, None
+
+
+attention_solve.register_autograd(_attention_backward, setup_context=_attention_setup)
+attention_value_solve.register_autograd(_value_backward, setup_context=_value_setup)
+
+
 # ---- the backward ops themselves -------------------------------------------
 #
 # They are not differentiable. Saying so gives a clear error on a second
@@ -183,5 +287,5 @@ def not_differentiable(name):
 # idl::fixed_point_rel is the forward solve of idl::implicit_layer (which
 # differentiates it itself) when a relative tolerance or method "auto" is set.
 for _name in ("project_linf_backward", "fixed_point_adjoint", "fixed_point_rel",
-              "fixed_point_adjoint_rel", "phantom_adjoint"):
+              "fixed_point_adjoint_rel", "phantom_adjoint", "attention_adjoint", "attention_value_adjoint"):
     torch.library.register_autograd(f"idl::{_name}", not_differentiable(f"idl::{_name}"))

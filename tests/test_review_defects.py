@@ -11,7 +11,7 @@ import torch
 from torch.nn.utils import parametrizations, parametrize, prune
 
 import idl
-from idl.attention import attention_adjoint, attention_solve
+from idl._ops import attention_adjoint, attention_solve
 
 
 # ---- one graph for every batch size ------------------------------------------
