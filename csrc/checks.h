@@ -55,9 +55,25 @@ inline idl_act parse_activation(c10::string_view name, double slope) {
     TORCH_CHECK_VALUE(false, "idl: unknown activation '", std::string(name), "'");
 }
 
-// Anderson's ridge, relative to the mean diagonal of the Gram matrix: enough
-// to keep the small systems solvable, far below what would slow convergence.
-constexpr double kAndersonRegularization = 1e-10;
+// The method names (idl.h's registry) as Python writes a tuple of them,
+// "('picard', 'anderson', 'auto')": the list the error message gives, which
+// idl/functional.py's (from idl._C.SOLVER_METHODS) repeats to the letter.
+inline const std::string& method_names() {
+    static const std::string text = [] {
+        std::string names = "(";
+        for (int m = 0; m < IDL_METHOD_COUNT; ++m)
+            names += std::string(m ? ", '" : "'") + idl_method_name(m) + "'";
+        return names + ")";
+    }();
+    return text;
+}
+
+inline idl_method parse_method(c10::string_view name) {
+    for (int m = 0; m < IDL_METHOD_COUNT; ++m)
+        if (name == idl_method_name(m)) return static_cast<idl_method>(m);
+    TORCH_CHECK_VALUE(false, "idl: method must be one of ", method_names(), ", got '",
+                      std::string(name), "'");
+}
 
 // method: "picard", "anderson" or "auto" (Picard, each sample switching to
 // Anderson once it contracts slowly: see idl.h). rtol: the relative part of the
@@ -72,17 +88,12 @@ inline idl_solver parse_solver(c10::string_view method, int64_t max_iter, double
     TORCH_CHECK_VALUE(rtol >= 0.0 && std::isfinite(rtol), "idl: ", rtol_name,
                       " must be a finite number >= 0, got ", rtol);
     // switch_ratio, switch_patience 0: idl.h's defaults
-    idl_solver solver{IDL_PICARD, max_iter, tol, memory, kAndersonRegularization, rtol, 0.0, 0};
-    if (method == "anderson" || method == "auto") {
-        TORCH_CHECK_VALUE(memory >= 1 && memory <= IDL_ANDERSON_MAX_MEMORY,
-                          "idl: anderson memory must be in [1, ", IDL_ANDERSON_MAX_MEMORY,
-                          "], got ", memory);
-        solver.method = method == "auto" ? IDL_AUTO : IDL_ANDERSON;
-    } else {
-        TORCH_CHECK_VALUE(method == "picard",
-                          "idl: method must be 'picard', 'anderson' or 'auto', got '",
-                          std::string(method), "'");
-    }
+    const idl_solver solver{parse_method(method), max_iter, tol, memory,
+                            IDL_ANDERSON_REGULARIZATION, rtol, 0.0, 0};
+    TORCH_CHECK_VALUE(solver.method == IDL_PICARD ||
+                          (memory >= 1 && memory <= IDL_ANDERSON_MAX_MEMORY),
+                      "idl: anderson memory must be in [1, ", IDL_ANDERSON_MAX_MEMORY, "], got ",
+                      memory);
     return solver;
 }
 

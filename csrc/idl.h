@@ -11,6 +11,7 @@
 #ifndef IDL_H
 #define IDL_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #ifdef __cplusplus
@@ -88,9 +89,10 @@ typedef struct {
  * g being the map of the solve (rtol 0: the absolute test alone).
  * IDL_ANDERSON mixes the last `memory` iterates of each sample
  * (1 <= memory <= IDL_ANDERSON_MAX_MEMORY) with a ridge of `regularization`
- * times the mean diagonal of their Gram matrix; where a step does not shrink
- * a sample's residual, that sample falls back to a plain Picard step (for
- * good after a few such fallbacks: see csrc/cpu/anderson.inc).
+ * (the ops: IDL_ANDERSON_REGULARIZATION) times the mean diagonal of their
+ * Gram matrix; where a step does not shrink a sample's residual, that sample
+ * falls back to a plain Picard step (for good after more than
+ * IDL_ANDERSON_MAX_RESTARTS such fallbacks: see csrc/cpu/anderson.inc).
  * IDL_AUTO starts every sample on Picard steps and switches a sample to
  * Anderson (for the rest of the solve) once its residual ratio
  * res_k / res_{k-1} has been above `switch_ratio` for `switch_patience`
@@ -100,8 +102,29 @@ typedef struct {
  * The fields after `regularization` default to 0 (aggregate initialisation
  * of the first five), which is the behaviour before they existed. */
 typedef enum { IDL_PICARD = 0, IDL_ANDERSON = 1, IDL_AUTO = 2 } idl_method;
+#define IDL_METHOD_COUNT 3
+
+/* The solver registry: each method's name and the solver's limits and
+ * defaults, defined here once. csrc/checks.h parses and checks the ops'
+ * arguments with them, and idl._C exposes them to Python (SOLVER_METHODS,
+ * ANDERSON_MAX_MEMORY, ...: csrc/ops.cpp), where idl/functional.py reads them. */
+
+/* The name the ops take for `method` (0 <= method < IDL_METHOD_COUNT), or
+ * NULL for any other value. */
+static inline const char *idl_method_name(int method)
+{
+    static const char *const names[IDL_METHOD_COUNT] = {"picard", "anderson", "auto"};
+    return method >= 0 && method < IDL_METHOD_COUNT ? names[method] : NULL;
+}
 
 #define IDL_ANDERSON_MAX_MEMORY 16
+/* The ridge the ops give Anderson's small systems, relative to the mean
+ * diagonal of the Gram matrix: enough to keep them solvable, far below what
+ * would slow convergence. */
+#define IDL_ANDERSON_REGULARIZATION 1e-10
+/* Safeguard fallbacks after which a sample keeps to plain iteration (see
+ * csrc/cpu/anderson.inc), the same on both devices. */
+#define IDL_ANDERSON_MAX_RESTARTS 8
 #define IDL_AUTO_SWITCH_RATIO 0.8
 #define IDL_AUTO_SWITCH_PATIENCE 3
 

@@ -173,10 +173,6 @@ IDL_HD static inline double idl_soft_threshold(double w, double t)
 
 /* ---- Anderson mixing ------------------------------------------------------- */
 
-/* Safeguard fallbacks after which a sample keeps to plain iteration (see
- * csrc/cpu/anderson.inc), the same on both devices. */
-#define IDL_ANDERSON_MAX_RESTARTS 8
-
 /* Solves the k x k system (row-major, overwritten) for the right-hand side in
  * `weights` by Gaussian elimination with partial pivoting, then scales the
  * solution to sum to 1: the affine weights of Anderson mixing (see

@@ -272,8 +272,46 @@ TORCH_LIBRARY_IMPL(idl, CPU, m) {
     m.impl("phantom_adjoint", &phantom_adjoint_cpu);
 }
 
-// `import idl._C` loads this library, which registers the ops above.
+namespace {
+
+// module.name = value, taking the new reference `value` (NULL: a failure
+// already raised). False, with the Python error set, on failure.
+bool add_attribute(PyObject* module, const char* name, PyObject* value) {
+    if (value == nullptr) return false;
+    if (PyModule_AddObject(module, name, value) == 0) return true;
+    Py_DECREF(value);
+    return false;
+}
+
+// The solver registry of idl.h, as attributes of idl._C: idl/functional.py
+// reads the method names, limits and defaults from these.
+bool add_solver_registry(PyObject* module) {
+    PyObject* methods = PyTuple_New(IDL_METHOD_COUNT);
+    if (methods == nullptr) return false;
+    for (int m = 0; m < IDL_METHOD_COUNT; ++m) {
+        PyObject* name = PyUnicode_FromString(idl_method_name(m));
+        if (name == nullptr) {
+            Py_DECREF(methods);
+            return false;
+        }
+        PyTuple_SET_ITEM(methods, m, name);
+    }
+    return add_attribute(module, "SOLVER_METHODS", methods) &&
+           PyModule_AddIntConstant(module, "ANDERSON_MAX_MEMORY", IDL_ANDERSON_MAX_MEMORY) == 0 &&
+           PyModule_AddIntConstant(module, "ANDERSON_MAX_RESTARTS", IDL_ANDERSON_MAX_RESTARTS) == 0 &&
+           add_attribute(module, "ANDERSON_REGULARIZATION",
+                         PyFloat_FromDouble(IDL_ANDERSON_REGULARIZATION)) &&
+           add_attribute(module, "AUTO_SWITCH_RATIO", PyFloat_FromDouble(IDL_AUTO_SWITCH_RATIO)) &&
+           PyModule_AddIntConstant(module, "AUTO_SWITCH_PATIENCE", IDL_AUTO_SWITCH_PATIENCE) == 0;
+}
+
+}  // namespace
+
+// `import idl._C` loads this library, which registers the ops above, and
+// makes the module that holds the solver registry.
 extern "C" PyObject* PyInit__C(void) {
-    static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-    return PyModule_Create(&module);
+    static struct PyModuleDef definition = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+    PyObject* module = PyModule_Create(&definition);
+    if (module != nullptr && !add_solver_registry(module)) Py_CLEAR(module);
+    return module;
 }

@@ -9,6 +9,9 @@ from typing import Callable, Optional
 import torch
 from torch.autograd.function import once_differentiable
 
+from ._C import ANDERSON_MAX_MEMORY, ANDERSON_MAX_RESTARTS, ANDERSON_REGULARIZATION
+from ._C import AUTO_SWITCH_PATIENCE, AUTO_SWITCH_RATIO
+from ._C import SOLVER_METHODS as METHODS
 from ._ops import ops
 from ._stats import NONCONVERGENCE_POLICIES, is_traced, new_stats
 
@@ -51,13 +54,11 @@ def check_kappa(kappa) -> float:
     return kappa
 
 
-METHODS = ("picard", "anderson", "auto")
+# METHODS, ANDERSON_* and AUTO_SWITCH_* (imported above) are the solver
+# registry of csrc/idl.h, which idl._C exposes: the method names, Anderson's
+# memory limit, ridge and restarts, and "auto"'s switching rule, defined there
+# once for the compiled solver, its argument checks and this module alike.
 BACKWARDS = ("implicit", "phantom", "jfb")
-AUTO_SWITCH_RATIO = 0.8  # IDL_AUTO_SWITCH_RATIO in csrc/idl.h
-AUTO_SWITCH_PATIENCE = 3  # IDL_AUTO_SWITCH_PATIENCE in csrc/idl.h
-ANDERSON_MAX_MEMORY = 16  # IDL_ANDERSON_MAX_MEMORY in csrc/idl.h
-ANDERSON_REGULARIZATION = 1e-10  # kAndersonRegularization in csrc/ops.cpp
-ANDERSON_MAX_RESTARTS = 8  # IDL_ANDERSON_MAX_RESTARTS in csrc/idl_math.h
 
 
 @dataclass(frozen=True)

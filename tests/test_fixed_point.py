@@ -1,11 +1,13 @@
 """idl::fixed_point and idl::fixed_point_adjoint against whole-batch Picard and
 dense implicit-gradient references."""
+import re
 import warnings
 
 import pytest
 import torch
 
 import idl
+from idl import _C
 from idl import functional as F
 from devices import DEVICES
 from reference import dphi, implicit_vjp, phi, picard, project_rows_l1
@@ -259,6 +261,32 @@ def test_bad_settings(device):
         solve(A, C0, method="anderson", memory=0, device=device)
     with pytest.raises(ValueError, match="memory"):
         solve(A, C0, method="anderson", memory=17, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_solver_registry(device):
+    """The method names and Anderson's limits are csrc/idl.h's, which idl._C
+    exposes and idl.functional takes; the Python options and the compiled op
+    accept and refuse the same methods and memories, in the same words."""
+    assert F.METHODS == _C.SOLVER_METHODS == ("picard", "anderson", "auto")
+    for name in ("ANDERSON_MAX_MEMORY", "ANDERSON_REGULARIZATION", "ANDERSON_MAX_RESTARTS",
+                 "AUTO_SWITCH_RATIO", "AUTO_SWITCH_PATIENCE"):
+        assert getattr(F, name) == getattr(_C, name)
+    A, C0 = problem()
+    refusal = re.escape(f"must be one of {_C.SOLVER_METHODS}, got 'newton'")
+    with pytest.raises(ValueError, match="^solver " + refusal):
+        F.SolverOptions(method="newton")
+    with pytest.raises(ValueError, match="^idl: method " + refusal):
+        solve(A, C0, method="newton", device=device)
+    most = _C.ANDERSON_MAX_MEMORY
+    for method in _C.SOLVER_METHODS:
+        F.SolverOptions(method=method, memory=most)
+        assert solve(A, C0, method=method, memory=most, device=device)[2][2] == 1.0
+        with pytest.raises(ValueError, match=f"memory must be <= {most}, got {most + 1}"):
+            F.SolverOptions(method=method, memory=most + 1)
+        if method != "picard":  # the op reads memory only where it mixes
+            with pytest.raises(ValueError, match=re.escape(f"memory must be in [1, {most}], got {most + 1}")):
+                solve(A, C0, method=method, memory=most + 1, device=device)
 
 
 @pytest.mark.parametrize("method", ["picard", "anderson"])
