@@ -1,7 +1,6 @@
 """Implicit functions (how A is kept well-posed, which activation) and
 ImplicitModel, the drop-in nn.Module."""
 import math
-import warnings
 from typing import Optional, Type
 
 import torch
