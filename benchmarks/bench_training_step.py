@@ -66,7 +66,8 @@ def make_pair(p, n, q, regime, seed=0):
         train_briefly(trainer, p)
         with torch.no_grad():  # bake the projection in, so both start inside the ball
             trainer.A.copy_(trainer.effective_A())
-        upstream.load_state_dict(trainer.state_dict())
+        # (the trainer's d_scale is 1, loaded from torchidl's state dict, which has none)
+        upstream.load_state_dict({k: v for k, v in trainer.state_dict().items() if k != "d_scale"})
     ours = {
         mode: idl.ImplicitModel(input_dim=p, output_dim=q, hidden_dim=n, projection=mode, **SETTINGS)
         for mode in ("scale", "exact")

@@ -5,7 +5,9 @@
 // as one op returning Y, the state X and the stats of its solves, whose
 // backward (implicit differentiation) is written here in C++. It is the one
 // road of every built-in-activation layer: ImplicitModel's forward and
-// implicit_state, the RNN cell, SIM's regenerated states.
+// implicit_state, the RNN cell, SIM's regenerated states. The bare solve
+// idl::fixed_point (functional.fixed_point) is differentiated here too, by
+// the same adjoint_of.
 //
 // At the sizes implicit models are often trained at, a training step is mostly
 // per-op overhead; as one op, ImplicitModel runs no Python per op in either
@@ -281,19 +283,55 @@ struct NoAutocast {
 
 enum StatsRow : int64_t { kForwardRow = 0, kBackwardRow = 1 };
 
-// Reports the solve of one stats row at once if it did not converge, by
-// idl/_stats.py's report_solve (a warning or an exception of idl's own
-// classes, as on_nonconvergence asks). Only that rare case calls into Python.
-void report_if_not_converged(const at::Tensor& layer_stats, StatsRow index,
+// Reports a solve's row of stats [iterations, residual, converged] at once if
+// it did not converge, by idl/_stats.py's report_solve (a warning or an
+// exception of idl's own classes, as policy asks; the exception carries
+// stats, the tensor the row belongs to). Only that rare case calls into Python.
+void report_if_not_converged(const at::Tensor& stats, const at::Tensor& row, const char* what,
                              const std::string& policy) {
-    if (layer_stats.is_meta() || is_traced(layer_stats)) return;
-    const auto row = layer_stats[index];
+    if (stats.is_meta() || is_traced(stats)) return;
     if (row[2].item<double>() != 0.0) return;  // converged (code 1, 2 or 3)
     pybind11::gil_scoped_acquire gil;
-    pybind11::module_::import("idl._stats")
-        .attr("report_solve")(row, index == kForwardRow ? "forward" : "backward", policy,
-                              layer_stats);
+    pybind11::module_::import("idl._stats").attr("report_solve")(row, what, policy, stats);
 }
+
+void report_if_not_converged(const at::Tensor& layer_stats, StatsRow index,
+                             const std::string& policy) {
+    report_if_not_converged(layer_stats, layer_stats[index],
+                            index == kForwardRow ? "forward" : "backward", policy);
+}
+
+// Implicit differentiation at the solve's (Ā, Z) for G = dL/dX: V =
+// dL/d(pre-activation), solving V = φ'(Z) ⊙ (V Ā + G), or with backward
+// "phantom" or "jfb" that of a few damped adjoint steps (idl::phantom_adjoint);
+// and the stats of that solve. Then dL/dĀ = Vᵀ X, and V is dL/d(U Bᵀ + b).
+std::tuple<at::Tensor, at::Tensor> adjoint_of(const at::Tensor& A_bar, const at::Tensor& Z,
+                                              const at::Tensor& G, const Settings& s) {
+    static const auto adjoint = idl_op<AdjointSignature>("idl::fixed_point_adjoint");
+    static const auto adjoint_rel = idl_op<AdjointRelSignature>("idl::fixed_point_adjoint_rel");
+    static const auto phantom = idl_op<PhantomSignature>("idl::phantom_adjoint");
+    if (s.backward == "jfb") return phantom.call(A_bar, Z, G, s.activation, s.slope, 1, 1.0);
+    if (s.backward == "phantom")
+        return phantom.call(A_bar, Z, G, s.activation, s.slope, s.phantom_steps, s.phantom_tau);
+    if (backward_needs_rel(s))
+        return adjoint_rel.call(A_bar, Z, G, s.activation, s.slope, s.grad_max_iter, s.grad_tol,
+                                s.grad_rtol, s.method, s.memory);
+    return adjoint.call(A_bar, Z, G, s.activation, s.slope, s.grad_max_iter, s.grad_tol, s.method,
+                        s.memory);
+}
+
+// With create_graph the products of a backward record their history: a
+// second derivative through X is exact (X is a saved output); one through the
+// adjoint solve or the projection's Jacobian is refused by those ops.
+struct BackwardGuards {
+    explicit BackwardGuards(const at::Tensor& like, int64_t work)
+        : serial(like.device(), work) {
+        if (!at::GradMode::is_enabled()) below_autograd.emplace();
+    }
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+    NoAutocast no_autocast;
+    SerialBlasIfSmall serial;
+};
 
 // The layer's forward, reported.
 LayerForward reported_forward(const at::Tensor& U, const at::Tensor& A, const at::Tensor& B,
@@ -341,38 +379,17 @@ class ImplicitLayer : public torch::autograd::Function<ImplicitLayer> {
     // the rest are products with V and dY. With backward "phantom" or "jfb", V
     // is that of a few damped adjoint steps instead (idl::phantom_adjoint).
     static variable_list backward(AutogradContext* ctx, variable_list grads) {
-        static const auto adjoint = idl_op<AdjointSignature>("idl::fixed_point_adjoint");
-        static const auto adjoint_rel = idl_op<AdjointRelSignature>("idl::fixed_point_adjoint_rel");
-        static const auto phantom = idl_op<PhantomSignature>("idl::phantom_adjoint");
         const auto saved = ctx->get_saved_variables();
         const auto &U = saved[0], &A = saved[1], &A_bar = saved[2], &B = saved[3], &C = saved[4],
                    &D = saved[5], &X = saved[6], &Z = saved[7];
         const Settings s = load_settings(ctx);
         const auto &dY = grads[0], &dX = grads[1];
-        // With create_graph the products below record their history: a second
-        // derivative through X is exact (X is a saved output); one through the
-        // adjoint solve or the projection's Jacobian is refused by those ops.
-        std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
-        if (!at::GradMode::is_enabled()) below_autograd.emplace();
-        const NoAutocast no_autocast;
-        SerialBlasIfSmall serial(U.device(), largest_product(U, A, C));
+        const BackwardGuards guards(U, largest_product(U, A, C));
 
         at::Tensor G = dY.defined() ? dY.mm(C) : at::Tensor();
         if (dX.defined()) G = G.defined() ? G + dX : dX;
         if (!G.defined()) G = at::zeros_like(Z);
-        at::Tensor V, stats;
-        if (s.backward == "jfb")
-            std::tie(V, stats) = phantom.call(A_bar, Z, G, s.activation, s.slope, 1, 1.0);
-        else if (s.backward == "phantom")
-            std::tie(V, stats) = phantom.call(A_bar, Z, G, s.activation, s.slope, s.phantom_steps,
-                                              s.phantom_tau);
-        else if (backward_needs_rel(s))
-            std::tie(V, stats) = adjoint_rel.call(A_bar, Z, G, s.activation, s.slope,
-                                                  s.grad_max_iter, s.grad_tol, s.grad_rtol,
-                                                  s.method, s.memory);
-        else
-            std::tie(V, stats) = adjoint.call(A_bar, Z, G, s.activation, s.slope, s.grad_max_iter,
-                                              s.grad_tol, s.method, s.memory);
+        auto [V, stats] = adjoint_of(A_bar, Z, G, s);
         const auto& layer_stats = ctx->saved_data["stats"].toTensor();
         if (!is_traced(layer_stats)) {
             layer_stats[kBackwardRow].copy_(stats);
@@ -448,6 +465,50 @@ class ImplicitLayer : public torch::autograd::Function<ImplicitLayer> {
     }
 };
 
+// idl::fixed_point's autograd: the bare solve X = φ(X Aᵀ + C0) (functional.
+// fixed_point), differentiated as the layer is, by adjoint_of: dL/dC0 = V,
+// dL/dA = Vᵀ X. Its backward solve has no stats of the caller's to fill, so
+// one that did not converge is reported as a warning.
+class FixedPoint : public torch::autograd::Function<FixedPoint> {
+   public:
+    static variable_list forward(AutogradContext* ctx, const at::Tensor& A, const at::Tensor& C0,
+                                 const OptTensor& X0, const Settings& s) {
+        static const auto solve = idl_op<SolveSignature>("idl::fixed_point");
+        at::AutoDispatchBelowADInplaceOrView below_autograd;
+        auto [X, Z, stats] = solve.call(A, C0, X0, s.activation, s.slope, s.max_iter, s.tol,
+                                        s.grad_max_iter, s.grad_tol, s.method, s.memory);
+        ctx->save_for_backward({A, X, Z});
+        ctx->saved_data["activation"] = s.activation;
+        ctx->saved_data["slope"] = s.slope;
+        ctx->saved_data["grad_max_iter"] = s.grad_max_iter;
+        ctx->saved_data["grad_tol"] = s.grad_tol;
+        ctx->saved_data["method"] = s.method;
+        ctx->saved_data["memory"] = s.memory;
+        ctx->mark_non_differentiable({Z, stats});
+        return {X, Z, stats};
+    }
+
+    static variable_list backward(AutogradContext* ctx, variable_list grads) {
+        const auto saved = ctx->get_saved_variables();
+        const auto &A = saved[0], &X = saved[1], &Z = saved[2];
+        auto& d = ctx->saved_data;
+        Settings s{};
+        s.activation = d["activation"].toStringRef();
+        s.slope = d["slope"].toDouble();
+        s.grad_max_iter = d["grad_max_iter"].toInt();
+        s.grad_tol = d["grad_tol"].toDouble();
+        s.method = d["method"].toStringRef();
+        s.memory = d["memory"].toInt();
+        const BackwardGuards guards(X, largest_product(X, A, A));
+        const auto G = grads[0].defined() ? grads[0] : at::zeros_like(Z);
+        auto [V, stats] = adjoint_of(A, Z, G, s);
+        report_if_not_converged(stats, stats, "backward", "warn");
+        // one gradient per forward input: A, C0, X0, the settings
+        return {ctx->needs_input_grad(0) ? V.t().mm(X) : at::Tensor(), V, at::Tensor(),
+                at::Tensor()};
+    }
+};
+
 // ---- the op's kernels -----------------------------------------------------------
 
 using LayerResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
@@ -494,6 +555,23 @@ LayerResult implicit_layer_autograd(IDL_LAYER_PARAMS) {
 #undef IDL_LAYER_PARAMS
 #undef IDL_LAYER_SETTINGS
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_point_autograd(
+    const at::Tensor& A, const at::Tensor& C0, const OptTensor& X0, c10::string_view activation,
+    double slope, int64_t max_iter, double tol, int64_t grad_max_iter, double grad_tol,
+    c10::string_view method, int64_t memory) {
+    Settings s{};
+    s.activation = std::string(activation);
+    s.slope = slope;
+    s.max_iter = max_iter;
+    s.tol = tol;
+    s.grad_max_iter = grad_max_iter;
+    s.grad_tol = grad_tol;
+    s.method = std::string(method);
+    s.memory = memory;
+    auto out = FixedPoint::apply(A, C0, X0, s);
+    return {out[0], out[1], out[2]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(idl, m) {
@@ -512,4 +590,5 @@ TORCH_LIBRARY_IMPL(idl, CompositeExplicitAutograd, m) {
 
 TORCH_LIBRARY_IMPL(idl, Autograd, m) {
     m.impl("implicit_layer", &implicit_layer_autograd);
+    m.impl("fixed_point", &fixed_point_autograd);
 }

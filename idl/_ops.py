@@ -14,7 +14,7 @@ import torch
 from . import _C  # noqa: F401  (loading the library registers torch.ops.idl)
 from . import _attention_kernels as kernels
 from ._attention_kernels import check_op_args
-from ._stats import ImplicitFunctionWarning, is_traced, report_solve
+from ._stats import ImplicitFunctionWarning, is_traced
 
 ops = torch.ops.idl
 
@@ -133,27 +133,8 @@ def _(A, Z, G, activation, slope, steps, tau):
     return _contiguous_like(Z), _stats_like(Z)
 
 
-def _solve_setup(ctx, inputs, output):
-    A, _C0, _X0, activation, slope, _mi, _tol, grad_max_iter, grad_tol, method, memory = inputs
-    X, Z, _stats = output
-    ctx.save_for_backward(A, X, Z)
-    ctx.settings = (activation, slope, grad_max_iter, grad_tol, method, memory)
-    ctx.mark_non_differentiable(Z, _stats)
-
-
-def _solve_backward(ctx, grad_X, _grad_Z, _grad_stats):
-    """Implicit differentiation: with V = φ'(Z) ⊙ (V A + dL/dX), dL/dC0 = V and
-    dL/dA = Vᵀ X. No iterate of the forward solve is needed. (The layers of
-    idl call idl::implicit_layer, whose stats carry the backward row; this raw
-    op's backward can only warn.)"""
-    A, X, Z = ctx.saved_tensors
-    V, stats = ops.fixed_point_adjoint(A, Z, grad_X, *ctx.settings)
-    report_solve(stats, "backward", "warn")
-    grad_A = V.t() @ X if ctx.needs_input_grad[0] else None
-    return grad_A, V, None, None, None, None, None, None, None, None, None
-
-
-torch.library.register_autograd("idl::fixed_point", _solve_backward, setup_context=_solve_setup)
+# idl::fixed_point's autograd is C++ (csrc/implicit_layer.cpp, FixedPoint),
+# the same implicit differentiation as idl::implicit_layer's backward.
 
 
 # ---- SIM's prox (csrc/sim_ops.cpp) ---------------------------------------------

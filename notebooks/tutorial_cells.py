@@ -85,7 +85,10 @@ but its printed losses are not upstream's (which fell from about 1 to 0.69):
 `idl` initialises the weights differently from torchidl (B and C as
 `nn.Linear`'s, D = 0 and a small A, where torchidl draws every weight as
 randn / n), because under torchidl's initialisation most hidden ReLUs die in
-training on real data (benchmarks/README.md, "Real data").
+training on real data; and it applies the skip matrix as `d_scale` · D with
+`d_scale` = 1/√input_dim, so that Adam's steps on D do not add up over
+inputs into large jumps of the output (`d_scale=1` is torchidl's
+parametrisation; benchmarks/README.md, "Real data", has the measurements).
 """),
     ("code", r"""
 x = torch.randn(5, 64).to(device)  # (batch_size=5, input_dim=64)

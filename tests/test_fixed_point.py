@@ -366,3 +366,16 @@ def test_gemm_error_inside_a_solve_is_raised_once_and_stops_it(failing_cpu_gemm,
     with pytest.raises(RuntimeError, match="GEMM failed on purpose"):
         torch.ops.idl.fixed_point_adjoint(A, C0, C0, "tanh", 0.0, 100, 1e-12, method, 5)
     assert len(failing_cpu_gemm) == 3
+
+
+def test_bare_solve_backward_warns_when_its_adjoint_does_not_converge():
+    """idl::fixed_point's autograd (C++, the layer's adjoint_of) has no stats
+    of a caller to fill: an adjoint stopped by grad_max_iter is a warning."""
+    g = torch.Generator().manual_seed(0)
+    A = project_rows_l1(torch.randn(6, 6, generator=g, dtype=torch.float64), 0.95).requires_grad_()
+    C0 = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    X, _Z, stats = torch.ops.idl.fixed_point(A, C0, None, "tanh", 0.0, 500, 1e-12, 2, 1e-12)
+    assert stats[2] == 1.0
+    with pytest.warns(idl.ImplicitFunctionWarning, match=r"backward.*iterations=2"):
+        X.sum().backward()
+    assert A.grad is not None and C0.grad is not None

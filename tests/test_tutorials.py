@@ -4,8 +4,9 @@ with `idl` in place of it, on CPU.
 The tests check that the losses fall, not the values upstream printed: idl
 initialises ImplicitModel differently from torchidl (nn.Linear-like B and C,
 D = 0, a small A; torchidl draws every weight as randn / n, under which hidden
-ReLUs die on real data: benchmarks/README.md, "Real data"), so the same seed
-gives other weights and other losses."""
+ReLUs die on real data) and applies D scaled by d_scale = 1/sqrt(input_dim)
+(benchmarks/README.md, "Real data"), so the same seed gives other weights,
+another training path and other losses."""
 import torch
 import torch.nn as nn
 import torch.optim as optim
