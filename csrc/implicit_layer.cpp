@@ -224,9 +224,26 @@ int64_t largest_product(const at::Tensor& U, const at::Tensor& A, const at::Tens
     return m * std::max({n * p, n * n, q * p, q * n});
 }
 
+// A tensor being traced (torch.compile, torch.export, FakeTensorMode) rather
+// than holding data: the backward does not write stats into it (a compiled
+// graph reports no stats, and a traced write into a forward output would be a
+// mutation of it).
+bool is_traced(const at::Tensor& t) {
+    return t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python,
+                                                    c10::DispatchKey::Functionalize}));
+}
+
 // The stats tensor of a layer: forward row from its solve, backward row "not
 // run" (-1 iterations) until the backward pass fills it.
 at::Tensor layer_stats(const at::Tensor& forward) {
+    if (forward.is_cpu() && !is_traced(forward)) {  // written in place: five small ops cost ~8 us
+        auto stats = at::empty({2, 3}, forward.options());
+        const auto solve = forward.contiguous();
+        double* out = stats.data_ptr<double>();
+        std::copy_n(solve.const_data_ptr<double>(), 3, out);
+        out[3] = -1.0, out[4] = 0.0, out[5] = 0.0;
+        return stats;
+    }
     auto not_run = at::zeros({1, 3}, forward.options());
     not_run[0][0].fill_(-1.0);
     return at::cat({forward.unsqueeze(0), not_run});
@@ -265,14 +282,6 @@ LayerForward layer_forward(const at::Tensor& U, const at::Tensor& A, const at::T
     return f;
 }
 
-// A tensor being traced (torch.compile, torch.export, FakeTensorMode) rather
-// than holding data: the backward does not write stats into it (a compiled
-// graph reports no stats, and a traced write into a forward output would be a
-// mutation of it).
-bool is_traced(const at::Tensor& t) {
-    return t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python,
-                                                    c10::DispatchKey::Functionalize}));
-}
 
 // The layer runs in its parameters' dtype, autocast or not: its solves'
 // tolerances need that precision. (The backward runs under the autocast state
@@ -283,22 +292,24 @@ struct NoAutocast {
 
 enum StatsRow : int64_t { kForwardRow = 0, kBackwardRow = 1 };
 
-// Reports a solve's row of stats [iterations, residual, converged] at once if
-// it did not converge, by idl/_stats.py's report_solve (a warning or an
-// exception of idl's own classes, as policy asks; the exception carries
-// stats, the tensor the row belongs to). Only that rare case calls into Python.
-void report_if_not_converged(const at::Tensor& stats, const at::Tensor& row, const char* what,
-                             const std::string& policy) {
-    if (stats.is_meta() || is_traced(stats)) return;
-    if (row[2].item<double>() != 0.0) return;  // converged (code 1, 2 or 3)
-    pybind11::gil_scoped_acquire gil;
-    pybind11::module_::import("idl._stats").attr("report_solve")(row, what, policy, stats);
+// The converged code of one row of stats (contiguous rows of 3: a layer's
+// (2, 3), or a bare solve's (3)), read without an op on the CPU.
+double converged_code(const at::Tensor& stats, int64_t row) {
+    if (stats.is_cpu()) return stats.const_data_ptr<double>()[3 * row + 2];
+    return stats.view({-1, 3})[row][2].item<double>();
 }
 
-void report_if_not_converged(const at::Tensor& layer_stats, StatsRow index,
+// Reports the solve of one row of stats [iterations, residual, converged] at
+// once if it did not converge, by idl/_stats.py's report_solve (a warning or
+// an exception of idl's own classes, as policy asks; the exception carries
+// stats). Only that rare case calls into Python.
+void report_if_not_converged(const at::Tensor& stats, int64_t row, const char* what,
                              const std::string& policy) {
-    report_if_not_converged(layer_stats, layer_stats[index],
-                            index == kForwardRow ? "forward" : "backward", policy);
+    if (stats.is_meta() || is_traced(stats)) return;
+    if (converged_code(stats, row) != 0.0) return;  // converged (code 1, 2 or 3)
+    pybind11::gil_scoped_acquire gil;
+    pybind11::module_::import("idl._stats")
+        .attr("report_solve")(stats.view({-1, 3})[row], what, policy, stats);
 }
 
 // Implicit differentiation at the solve's (Ā, Z) for G = dL/dX: V =
@@ -339,7 +350,7 @@ LayerForward reported_forward(const at::Tensor& U, const at::Tensor& A, const at
                               const OptTensor& bias_hidden, const OptTensor& bias_out,
                               const OptTensor& X0, const Settings& s) {
     auto f = layer_forward(U, A, B, C, D, bias_hidden, bias_out, X0, s);
-    report_if_not_converged(f.stats, kForwardRow, s.on_nonconvergence);
+    report_if_not_converged(f.stats, kForwardRow, "forward", s.on_nonconvergence);
     return f;
 }
 
@@ -393,7 +404,7 @@ class ImplicitLayer : public torch::autograd::Function<ImplicitLayer> {
         const auto& layer_stats = ctx->saved_data["stats"].toTensor();
         if (!is_traced(layer_stats)) {
             layer_stats[kBackwardRow].copy_(stats);
-            report_if_not_converged(layer_stats, kBackwardRow, s.on_nonconvergence);
+            report_if_not_converged(layer_stats, kBackwardRow, "backward", s.on_nonconvergence);
         }
 
         const auto present = ctx->saved_data["present"].toIntVector();
@@ -502,7 +513,7 @@ class FixedPoint : public torch::autograd::Function<FixedPoint> {
         const BackwardGuards guards(X, largest_product(X, A, A));
         const auto G = grads[0].defined() ? grads[0] : at::zeros_like(Z);
         auto [V, stats] = adjoint_of(A, Z, G, s);
-        report_if_not_converged(stats, stats, "backward", "warn");
+        report_if_not_converged(stats, 0, "backward", "warn");
         // one gradient per forward input: A, C0, X0, the settings
         return {ctx->needs_input_grad(0) ? V.t().mm(X) : at::Tensor(), V, at::Tensor(),
                 at::Tensor()};

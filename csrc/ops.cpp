@@ -11,6 +11,9 @@
 #include "serial_blas.h"
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 namespace {
 
@@ -69,15 +72,22 @@ at::Tensor workspace_for(int64_t m, int64_t n, const at::Tensor& like, const idl
 // iterates (a saturating φ maps Inf to a finite value; ReLU units all dead
 // never read A), so they are looked for once, before iterating (the CUDA
 // solve does the same on the device). One pass without allocation or early
-// exit, so that it vectorises: at small sizes ATen's isfinite().all() would
-// cost as much as the solve.
+// exit over the exponent bits (all ones: Inf or NaN), integer work that
+// vectorises (std::isfinite's loop did not: ~5 us for a 128 x 128 A, ATen's
+// isfinite().all() as much as the solve).
 template <typename T>
 bool all_finite(const at::Tensor& t) {
+    using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+    constexpr Bits exponent = static_cast<Bits>(sizeof(T) == 4 ? 0x7f800000ull : 0x7ff0000000000000ull);
     const auto values = t.contiguous();
     const T* p = values.const_data_ptr<T>();
-    bool finite = true;
-    for (int64_t i = 0, count = values.numel(); i < count; ++i) finite &= std::isfinite(p[i]);
-    return finite;
+    Bits non_finite = 0;
+    for (int64_t i = 0, count = values.numel(); i < count; ++i) {
+        Bits bits;
+        std::memcpy(&bits, p + i, sizeof bits);
+        non_finite |= static_cast<Bits>((bits & exponent) == exponent);
+    }
+    return non_finite == 0;
 }
 
 // (X, Z, stats) of a solve whose inputs are not finite: stopped before its

@@ -87,11 +87,13 @@ def test_iteration_limit_reports_not_converged(device):
     assert (iterations, converged) == (3, 0.0) and residual > 0
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["A", "C0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("device", DEVICES)
-def test_non_finite_stops_immediately(bad, device):
-    A, C0 = problem()
-    C0[2, 1] = bad
+def test_non_finite_stops_immediately(bad, where, dtype, device):
+    A, C0 = (t.to(dtype) for t in problem())
+    (A if where == "A" else C0)[2, 1] = bad
     X, _, stats = solve(A, C0, "identity", max_iter=500, device=device)
     iterations, residual, converged = stats.tolist()
     assert iterations == 0 and converged == 0.0  # found in the inputs, before iterating
