@@ -292,6 +292,17 @@ struct NoAutocast {
 
 enum StatsRow : int64_t { kForwardRow = 0, kBackwardRow = 1 };
 
+// Writes a solve's stats (3) into one row of a layer's (2, 3), in place on
+// the CPU (an op pair there costs more than the backward's small products).
+void write_row(const at::Tensor& layer_stats, int64_t row, const at::Tensor& solve_stats) {
+    if (!layer_stats.is_cpu()) {
+        layer_stats[row].copy_(solve_stats);
+        return;
+    }
+    const auto values = solve_stats.contiguous();
+    std::copy_n(values.const_data_ptr<double>(), 3, layer_stats.data_ptr<double>() + 3 * row);
+}
+
 // The converged code of one row of stats (contiguous rows of 3: a layer's
 // (2, 3), or a bare solve's (3)), read without an op on the CPU.
 double converged_code(const at::Tensor& stats, int64_t row) {
@@ -403,7 +414,7 @@ class ImplicitLayer : public torch::autograd::Function<ImplicitLayer> {
         auto [V, stats] = adjoint_of(A_bar, Z, G, s);
         const auto& layer_stats = ctx->saved_data["stats"].toTensor();
         if (!is_traced(layer_stats)) {
-            layer_stats[kBackwardRow].copy_(stats);
+            write_row(layer_stats, kBackwardRow, stats);
             report_if_not_converged(layer_stats, kBackwardRow, "backward", s.on_nonconvergence);
         }
 
