@@ -374,6 +374,46 @@ enum Input { kU, kA, kB, kC, kD, kBiasHidden, kBiasOut, kX0, kSettings, kInputs 
 // (and needs_input_grad's indices) of those after it move down by one.
 constexpr Input kOptionalInputs[] = {kD, kBiasHidden, kBiasOut, kX0};
 
+// The autograd context holds IValues: the settings go in field by field.
+void save_settings(AutogradContext* ctx, const Settings& s) {
+    auto& d = ctx->saved_data;
+    d["well_posed"] = s.well_posed;
+    d["kappa"] = s.kappa;
+    d["activation"] = s.activation;
+    d["slope"] = s.slope;
+    d["grad_max_iter"] = s.grad_max_iter;
+    d["grad_tol"] = s.grad_tol;
+    d["method"] = s.method;
+    d["memory"] = s.memory;
+    d["grad_rtol"] = s.grad_rtol;
+    d["backward"] = s.backward;
+    d["phantom_steps"] = s.phantom_steps;
+    d["phantom_tau"] = s.phantom_tau;
+    d["on_nonconvergence"] = s.on_nonconvergence;
+    d["d_scale"] = s.d_scale;
+}
+
+// What a backward needs of the settings (the forward solve's are not kept).
+Settings load_settings(AutogradContext* ctx) {
+    auto& d = ctx->saved_data;
+    Settings s{};
+    s.well_posed = d["well_posed"].toStringRef();
+    s.kappa = d["kappa"].toDouble();
+    s.activation = d["activation"].toStringRef();
+    s.slope = d["slope"].toDouble();
+    s.grad_max_iter = d["grad_max_iter"].toInt();
+    s.grad_tol = d["grad_tol"].toDouble();
+    s.method = d["method"].toStringRef();
+    s.memory = d["memory"].toInt();
+    s.grad_rtol = d["grad_rtol"].toDouble();
+    s.backward = d["backward"].toStringRef();
+    s.phantom_steps = d["phantom_steps"].toInt();
+    s.phantom_tau = d["phantom_tau"].toDouble();
+    s.on_nonconvergence = d["on_nonconvergence"].toStringRef();
+    s.d_scale = d["d_scale"].toDouble();
+    return s;
+}
+
 class ImplicitLayer : public torch::autograd::Function<ImplicitLayer> {
    public:
     static variable_list forward(AutogradContext* ctx, const at::Tensor& U, const at::Tensor& A,
@@ -446,45 +486,6 @@ class ImplicitLayer : public torch::autograd::Function<ImplicitLayer> {
         return {D.has_value(), bias_hidden.has_value(), bias_out.has_value(), X0.has_value()};
     }
 
-    // The autograd context holds IValues: the settings go in field by field.
-    static void save_settings(AutogradContext* ctx, const Settings& s) {
-        auto& d = ctx->saved_data;
-        d["well_posed"] = s.well_posed;
-        d["kappa"] = s.kappa;
-        d["activation"] = s.activation;
-        d["slope"] = s.slope;
-        d["grad_max_iter"] = s.grad_max_iter;
-        d["grad_tol"] = s.grad_tol;
-        d["method"] = s.method;
-        d["memory"] = s.memory;
-        d["grad_rtol"] = s.grad_rtol;
-        d["backward"] = s.backward;
-        d["phantom_steps"] = s.phantom_steps;
-        d["phantom_tau"] = s.phantom_tau;
-        d["on_nonconvergence"] = s.on_nonconvergence;
-        d["d_scale"] = s.d_scale;
-    }
-
-    // What backward needs of the settings (the forward solve's are not kept).
-    static Settings load_settings(AutogradContext* ctx) {
-        auto& d = ctx->saved_data;
-        Settings s{};
-        s.well_posed = d["well_posed"].toStringRef();
-        s.kappa = d["kappa"].toDouble();
-        s.activation = d["activation"].toStringRef();
-        s.slope = d["slope"].toDouble();
-        s.grad_max_iter = d["grad_max_iter"].toInt();
-        s.grad_tol = d["grad_tol"].toDouble();
-        s.method = d["method"].toStringRef();
-        s.memory = d["memory"].toInt();
-        s.grad_rtol = d["grad_rtol"].toDouble();
-        s.backward = d["backward"].toStringRef();
-        s.phantom_steps = d["phantom_steps"].toInt();
-        s.phantom_tau = d["phantom_tau"].toDouble();
-        s.on_nonconvergence = d["on_nonconvergence"].toStringRef();
-        s.d_scale = d["d_scale"].toDouble();
-        return s;
-    }
 };
 
 // idl::fixed_point's autograd: the bare solve X = φ(X Aᵀ + C0) (functional.
@@ -500,12 +501,7 @@ class FixedPoint : public torch::autograd::Function<FixedPoint> {
         auto [X, Z, stats] = solve.call(A, C0, X0, s.activation, s.slope, s.max_iter, s.tol,
                                         s.grad_max_iter, s.grad_tol, s.method, s.memory);
         ctx->save_for_backward({A, X, Z});
-        ctx->saved_data["activation"] = s.activation;
-        ctx->saved_data["slope"] = s.slope;
-        ctx->saved_data["grad_max_iter"] = s.grad_max_iter;
-        ctx->saved_data["grad_tol"] = s.grad_tol;
-        ctx->saved_data["method"] = s.method;
-        ctx->saved_data["memory"] = s.memory;
+        save_settings(ctx, s);
         ctx->mark_non_differentiable({Z, stats});
         return {X, Z, stats};
     }
@@ -513,14 +509,7 @@ class FixedPoint : public torch::autograd::Function<FixedPoint> {
     static variable_list backward(AutogradContext* ctx, variable_list grads) {
         const auto saved = ctx->get_saved_variables();
         const auto &A = saved[0], &X = saved[1], &Z = saved[2];
-        auto& d = ctx->saved_data;
-        Settings s{};
-        s.activation = d["activation"].toStringRef();
-        s.slope = d["slope"].toDouble();
-        s.grad_max_iter = d["grad_max_iter"].toInt();
-        s.grad_tol = d["grad_tol"].toDouble();
-        s.method = d["method"].toStringRef();
-        s.memory = d["memory"].toInt();
+        const Settings s = load_settings(ctx);
         const BackwardGuards guards(X, largest_product(X, A, A));
         const auto G = grads[0].defined() ? grads[0] : at::zeros_like(Z);
         auto [V, stats] = adjoint_of(A, Z, G, s);
