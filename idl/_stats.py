@@ -109,7 +109,7 @@ def watch(stats: torch.Tensor, on_nonconvergence: str, output: Optional[torch.Te
     ``output`` None: the solve's backward reports itself. (idl::implicit_layer
     reports both of its solves itself, calling report_solve only for one that
     did not converge: reading the forward row here cost ~3 us a step, and a
-    hook on the autograd node ~25 us.)""
+    hook on the autograd node ~25 us.)"""
     report_solve(stats[0], "forward", on_nonconvergence, stats)
     node = None if output is None else output.grad_fn
     if node is None or not _has_values(stats):
