@@ -127,34 +127,39 @@ RnnForward rnn_forward(const at::Tensor& x, const OptTensor& h0, const at::Tenso
     f.A_bar = well_posed(A, s);
     // x's share of every step, one product each: (m, T, n) and (m, T, q)
     const auto x_rows = x.reshape({m * T, p_in});
-    const auto Bx = B.narrow(1, 0, p_in), Bh = B.narrow(1, p_in, q);
+    const auto Bx = B.narrow(1, 0, p_in);
     const auto Cx = (bias_hidden.has_value() ? at::addmm(*bias_hidden, x_rows, Bx.t())
                                              : at::mm(x_rows, Bx.t()))
                         .view({m, T, -1});
-    at::Tensor Yx, Dh;
+    at::Tensor Yx, DhT;
     if (D.has_value()) {
         Yx = bias_out.has_value() ? at::addmm(*bias_out, x_rows, D->narrow(1, 0, p_in).t(), 1.0,
                                               s.d_scale)
                                   : at::mm(x_rows, D->narrow(1, 0, p_in).t()).mul_(s.d_scale);
         Yx = Yx.view({m, T, q});
-        Dh = D->narrow(1, p_in, q);
+        DhT = D->narrow(1, p_in, q).t();
     }
+    const auto BhT = B.narrow(1, p_in, q).t(), CT = C.t();
 
-    std::vector<at::Tensor> X(T), Z(T), H(T), step(T);
+    // h_t is written in place, into the outputs
+    f.outputs = at::empty({m, T, q}, x.options());
+    std::vector<at::Tensor> X(T), Z(T), step(T);
     at::Tensor h = h0.has_value() ? *h0 : at::zeros({m, q}, x.options());
     for (int64_t t = 0; t < T; ++t) {
-        const auto C0 = at::addmm(Cx.select(1, t), h, Bh.t());
+        const auto C0 = at::addmm(Cx.select(1, t), h, BhT);
         std::tie(X[t], Z[t], step[t]) =
             forward_solve(f.A_bar, C0, t == 0 ? OptTensor() : OptTensor(X[t - 1]), s);
+        auto h_t = f.outputs.select(1, t);
         if (Yx.defined()) {
-            H[t] = at::addmm(Yx.select(1, t), X[t], C.t());
-            H[t].addmm_(h, Dh.t(), 1.0, s.d_scale);
+            at::addmm_out(h_t, Yx.select(1, t), X[t], CT);
+            h_t.addmm_(h, DhT, 1.0, s.d_scale);
+        } else if (bias_out.has_value()) {
+            at::addmm_out(h_t, *bias_out, X[t], CT);
         } else {
-            H[t] = bias_out.has_value() ? at::addmm(*bias_out, X[t], C.t()) : at::mm(X[t], C.t());
+            at::mm_out(h_t, X[t], CT);
         }
-        h = H[t];
+        h = h_t;
     }
-    f.outputs = at::stack(H, 1);
     f.X = at::stack(X);
     f.Z = at::stack(Z);
     const auto forward_rows = at::stack(step);
