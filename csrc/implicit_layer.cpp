@@ -241,33 +241,24 @@ using LayerResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 #define IDL_LAYER_PARAMS                                                                       \
     const at::Tensor &U, const at::Tensor &A, const at::Tensor &B, const at::Tensor &C,         \
         const OptTensor &D, const OptTensor &bias_hidden, const OptTensor &bias_out,            \
-        const OptTensor &X0, c10::string_view well_posed, double kappa,                         \
-        c10::string_view activation, double slope, int64_t max_iter, double tol,                \
-        int64_t grad_max_iter, double grad_tol, c10::string_view method, int64_t memory,        \
-        double rtol, double grad_rtol, c10::string_view backward, int64_t phantom_steps,        \
-        double phantom_tau, c10::string_view on_nonconvergence, double d_scale
-
-#define IDL_LAYER_SETTINGS                                                                     \
-    well_posed, kappa, activation, slope, max_iter, tol, grad_max_iter, grad_tol, method,       \
-        memory, rtol, grad_rtol, backward, phantom_steps, phantom_tau, on_nonconvergence, d_scale
+        const OptTensor &X0, IDL_SETTINGS_PARAMS
 
 // Below autograd (inference mode, or no input needs a gradient under a mode
 // that skips autograd): the forward alone.
 LayerResult implicit_layer_forward(IDL_LAYER_PARAMS) {
-    const auto s = settings_of(IDL_LAYER_SETTINGS);
+    const auto s = settings_of(IDL_SETTINGS_ARGS);
     const NoAutocast no_autocast;
     auto f = reported_forward(U, A, B, C, D, bias_hidden, bias_out, X0, s);
     return {f.Y, f.X, f.stats};
 }
 
 LayerResult implicit_layer_autograd(IDL_LAYER_PARAMS) {
-    const auto s = settings_of(IDL_LAYER_SETTINGS);
+    const auto s = settings_of(IDL_SETTINGS_ARGS);
     auto out = ImplicitLayer::apply(U, A, B, C, D, bias_hidden, bias_out, X0, s);
     return {out[0], out[1], out[2]};
 }
 
 #undef IDL_LAYER_PARAMS
-#undef IDL_LAYER_SETTINGS
 
 }  // namespace
 

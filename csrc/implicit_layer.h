@@ -246,6 +246,19 @@ inline void report_if_not_converged(const at::Tensor& layer_stats, StatsRow inde
                               layer_stats);
 }
 
+// The settings as an op takes them after its tensors, in schema order (the
+// parameters, and the same names as arguments: settings_of(IDL_SETTINGS_ARGS)).
+#define IDL_SETTINGS_PARAMS                                                                    \
+    c10::string_view well_posed, double kappa, c10::string_view activation, double slope,      \
+        int64_t max_iter, double tol, int64_t grad_max_iter, double grad_tol,                   \
+        c10::string_view method, int64_t memory, double rtol, double grad_rtol,                 \
+        c10::string_view backward, int64_t phantom_steps, double phantom_tau,                   \
+        c10::string_view on_nonconvergence, double d_scale
+
+#define IDL_SETTINGS_ARGS                                                                      \
+    well_posed, kappa, activation, slope, max_iter, tol, grad_max_iter, grad_tol, method,       \
+        memory, rtol, grad_rtol, backward, phantom_steps, phantom_tau, on_nonconvergence, d_scale
+
 inline Settings settings_of(c10::string_view well_posed, double kappa, c10::string_view activation,
                             double slope, int64_t max_iter, double tol, int64_t grad_max_iter,
                             double grad_tol, c10::string_view method, int64_t memory, double rtol,

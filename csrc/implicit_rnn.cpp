@@ -308,31 +308,22 @@ using RnnResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 #define IDL_RNN_PARAMS                                                                         \
     const at::Tensor &x, const OptTensor &h0, const at::Tensor &A, const at::Tensor &B,         \
         const at::Tensor &C, const OptTensor &D, const OptTensor &bias_hidden,                  \
-        const OptTensor &bias_out, c10::string_view well_posed, double kappa,                   \
-        c10::string_view activation, double slope, int64_t max_iter, double tol,                \
-        int64_t grad_max_iter, double grad_tol, c10::string_view method, int64_t memory,        \
-        double rtol, double grad_rtol, c10::string_view backward, int64_t phantom_steps,        \
-        double phantom_tau, c10::string_view on_nonconvergence, double d_scale
-
-#define IDL_RNN_SETTINGS                                                                       \
-    well_posed, kappa, activation, slope, max_iter, tol, grad_max_iter, grad_tol, method,       \
-        memory, rtol, grad_rtol, backward, phantom_steps, phantom_tau, on_nonconvergence, d_scale
+        const OptTensor &bias_out, IDL_SETTINGS_PARAMS
 
 RnnResult implicit_rnn_forward(IDL_RNN_PARAMS) {
-    const auto s = settings_of(IDL_RNN_SETTINGS);
+    const auto s = settings_of(IDL_SETTINGS_ARGS);
     const NoAutocast no_autocast;
     auto f = reported_rnn_forward(x, h0, A, B, C, D, bias_hidden, bias_out, s);
     return {f.outputs, f.stats, f.step_stats};
 }
 
 RnnResult implicit_rnn_autograd(IDL_RNN_PARAMS) {
-    const auto s = settings_of(IDL_RNN_SETTINGS);
+    const auto s = settings_of(IDL_SETTINGS_ARGS);
     auto out = ImplicitRNN::apply(x, h0, A, B, C, D, bias_hidden, bias_out, s);
     return {out[0], out[1], out[2]};
 }
 
 #undef IDL_RNN_PARAMS
-#undef IDL_RNN_SETTINGS
 
 }  // namespace
 
