@@ -11,6 +11,11 @@
 // written here in C++: for t = T-1 .. 0, the implicit-differentiation adjoint
 // solve of step t, and the parameters' products once over all the steps.
 //
+// With lengths (batch,), sequence i runs lengths[i] steps, as the cell's
+// padded sequences do: past its length its h stays (h_t = h_{t-1}) and its
+// outputs are zero (its solves still run, on the padding: the warm start of
+// every sample is the last solve's X).
+//
 // x's share of every step's products (x_t Bᵀ and x_t Dᵀ) is one product over
 // the whole sequence; a step adds h_{t-1}'s. As idl::implicit_layer, the op
 // composes the other idl:: ops and ATen products through the dispatcher: no
@@ -34,9 +39,11 @@ using torch::autograd::variable_list;
 
 // ---- checks -------------------------------------------------------------------
 
-// x (m, T, p_in), h0 (m, q) or none; the layer's own as idl::implicit_layer
-// checks them, for U = [x_t, h_{t-1}] (m, p_in + q) and an output of size q.
-void check_rnn_args(const at::Tensor& x, const OptTensor& h0, const at::Tensor& A,
+// x (m, T, p_in), h0 (m, q) or none, lengths (m) integers or none; the
+// layer's own as idl::implicit_layer checks them, for U = [x_t, h_{t-1}]
+// (m, p_in + q) and an output of size q.
+void check_rnn_args(const at::Tensor& x, const OptTensor& h0, const OptTensor& lengths,
+                    const at::Tensor& A,
                     const at::Tensor& B, const at::Tensor& C, const OptTensor& D,
                     const OptTensor& bias_hidden, const OptTensor& bias_out, const Settings& s) {
     TORCH_CHECK_VALUE(x.dim() == 3, "idl: x must be a 3-D tensor (batch, seq_len, input), got ",
@@ -51,6 +58,15 @@ void check_rnn_args(const at::Tensor& x, const OptTensor& h0, const at::Tensor& 
         TORCH_CHECK_VALUE(h0->sym_size(0) == x.sym_size(0) && h0->size(1) == q,
                           "idl: h0 must have shape [", x.sym_size(0), ", ", q,
                           "] (batch, hidden), got ", h0->sizes());
+    }
+    if (lengths.has_value()) {
+        TORCH_CHECK_TYPE(lengths->scalar_type() == at::kLong, "idl: lengths must be int64, got ",
+                         lengths->scalar_type());
+        TORCH_CHECK_VALUE(lengths->device() == x.device(), "idl: lengths is on ",
+                          lengths->device(), " but x is on ", x.device());
+        TORCH_CHECK_VALUE(lengths->dim() == 1 && lengths->sym_size(0) == x.sym_size(0),
+                          "idl: lengths must have shape [", x.sym_size(0), "] (batch), got ",
+                          lengths->sizes());
     }
     // One step's input [x_t, h_{t-1}], shape-only: the layer's checks read
     // only its kind and its number of columns.
@@ -115,12 +131,20 @@ at::Tensor merged_row(const at::Tensor& rows) {
 struct RnnForward {
     at::Tensor outputs, stats, step_stats;  // the op's outputs
     at::Tensor A_bar, X, Z;                 // X, Z: (T, m, n), every step's
+    at::Tensor h;        // (m, T, q): every step's h_t (outputs, but with lengths)
+    at::Tensor active;   // (m, T, 1) bool, t < lengths; undefined without lengths
 };
 
-RnnForward rnn_forward(const at::Tensor& x, const OptTensor& h0, const at::Tensor& A,
-                       const at::Tensor& B, const at::Tensor& C, const OptTensor& D,
-                       const OptTensor& bias_hidden, const OptTensor& bias_out, const Settings& s) {
-    check_rnn_args(x, h0, A, B, C, D, bias_hidden, bias_out, s);
+// t < lengths, (m, T, 1) bool.
+at::Tensor active_steps(const at::Tensor& lengths, int64_t T) {
+    return at::arange(T, lengths.options()).unsqueeze(0).lt(lengths.unsqueeze(1)).unsqueeze(2);
+}
+
+RnnForward rnn_forward(const at::Tensor& x, const OptTensor& h0, const OptTensor& lengths,
+                       const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                       const OptTensor& D, const OptTensor& bias_hidden, const OptTensor& bias_out,
+                       const Settings& s) {
+    check_rnn_args(x, h0, lengths, A, B, C, D, bias_hidden, bias_out, s);
     SerialBlasIfSmall serial(x.device(), sequence_product(x, A, B, C));
     const int64_t m = x.size(0), T = x.size(1), p_in = x.size(2), q = C.size(0);
     RnnForward f;
@@ -141,8 +165,13 @@ RnnForward rnn_forward(const at::Tensor& x, const OptTensor& h0, const at::Tenso
     }
     const auto BhT = B.narrow(1, p_in, q).t(), CT = C.t();
 
-    // h_t is written in place, into the outputs
+    // h_t is written in place, into the outputs (with lengths: each step's new
+    // h, which a sequence past its length does not take)
     f.outputs = at::empty({m, T, q}, x.options());
+    if (lengths.has_value()) {
+        f.active = active_steps(*lengths, T);
+        f.h = at::empty({m, T, q}, x.options());
+    }
     std::vector<at::Tensor> X(T), Z(T), step(T);
     at::Tensor h = h0.has_value() ? *h0 : at::zeros({m, q}, x.options());
     for (int64_t t = 0; t < T; ++t) {
@@ -158,8 +187,15 @@ RnnForward rnn_forward(const at::Tensor& x, const OptTensor& h0, const at::Tenso
         } else {
             at::mm_out(h_t, X[t], CT);
         }
-        h = h_t;
+        if (f.active.defined())
+            h = f.h.select(1, t).copy_(at::where(f.active.select(1, t), h_t, h));
+        else
+            h = h_t;
     }
+    if (f.active.defined())
+        f.outputs.masked_fill_(f.active.logical_not(), 0.0);
+    else
+        f.h = f.outputs;
     f.X = at::stack(X);
     f.Z = at::stack(Z);
     const auto forward_rows = at::stack(step);
@@ -170,11 +206,12 @@ RnnForward rnn_forward(const at::Tensor& x, const OptTensor& h0, const at::Tenso
     return f;
 }
 
-RnnForward reported_rnn_forward(const at::Tensor& x, const OptTensor& h0, const at::Tensor& A,
-                                const at::Tensor& B, const at::Tensor& C, const OptTensor& D,
+RnnForward reported_rnn_forward(const at::Tensor& x, const OptTensor& h0,
+                                const OptTensor& lengths, const at::Tensor& A, const at::Tensor& B,
+                                const at::Tensor& C, const OptTensor& D,
                                 const OptTensor& bias_hidden, const OptTensor& bias_out,
                                 const Settings& s) {
-    auto f = rnn_forward(x, h0, A, B, C, D, bias_hidden, bias_out, s);
+    auto f = rnn_forward(x, h0, lengths, A, B, C, D, bias_hidden, bias_out, s);
     report_if_not_converged(f.stats, kForwardRow, s.on_nonconvergence);
     return f;
 }
@@ -190,21 +227,26 @@ struct SettingsHolder : torch::CustomClassHolder {
 // Inputs of ImplicitRNN::apply, in order; backward returns one gradient each.
 // An absent optional tensor has no edge: the edges (and needs_input_grad's
 // indices) of the inputs after it move down by one.
-enum Input { kX, kH0, kA, kB, kC, kD, kBiasHidden, kBiasOut, kSettings, kInputs };
+enum Input { kX, kH0, kLengths, kA, kB, kC, kD, kBiasHidden, kBiasOut, kSettings, kInputs };
 
 class ImplicitRNN : public torch::autograd::Function<ImplicitRNN> {
    public:
     static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& h0,
-                                 const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
-                                 const OptTensor& D, const OptTensor& bias_hidden,
-                                 const OptTensor& bias_out, const Settings& s) {
+                                 const OptTensor& lengths, const at::Tensor& A,
+                                 const at::Tensor& B, const at::Tensor& C, const OptTensor& D,
+                                 const OptTensor& bias_hidden, const OptTensor& bias_out,
+                                 const Settings& s) {
         at::AutoDispatchBelowADInplaceOrView below_autograd;
         const NoAutocast no_autocast;
-        auto f = reported_rnn_forward(x, h0, A, B, C, D, bias_hidden, bias_out, s);
+        auto f = reported_rnn_forward(x, h0, lengths, A, B, C, D, bias_hidden, bias_out, s);
+        // the outputs as the output they are (without lengths, every h_t); with
+        // lengths, every h_t and the active steps besides
         ctx->save_for_backward({x, h0.value_or(at::Tensor()), A, f.A_bar, B, C,
-                                D.value_or(at::Tensor()), f.X, f.Z, f.outputs});
-        ctx->saved_data["edges"] = edges({true, h0.has_value(), true, true, true, D.has_value(),
-                                          bias_hidden.has_value(), bias_out.has_value()});
+                                D.value_or(at::Tensor()), f.X, f.Z, f.outputs,
+                                f.active.defined() ? f.h : at::Tensor(), f.active});
+        ctx->saved_data["edges"] =
+            edges({true, h0.has_value(), lengths.has_value(), true, true, true, D.has_value(),
+                   bias_hidden.has_value(), bias_out.has_value()});
         ctx->saved_data["settings"] =
             c10::IValue::make_capsule(c10::make_intrusive<SettingsHolder>(s));
         ctx->saved_data["stats"] = f.stats;
@@ -217,7 +259,9 @@ class ImplicitRNN : public torch::autograd::Function<ImplicitRNN> {
     // Backpropagation through time. G_t = dL/dh_t (the outputs' gradient plus
     // what step t+1 sends back), V_t = φ'(Z_t) ⊙ (V_t Ā + G_t C), and step t
     // sends dL/dh_{t-1} = V_t B_h + d_scale G_t D_h; the parameters' gradients
-    // are sums over the steps, one product each over all of them.
+    // are sums over the steps, one product each over all of them. With
+    // lengths, a sequence past its length has G_t = 0 (so V_t = 0) and hands
+    // dL/dh_t on to h_{t-1} unchanged.
     static variable_list backward(AutogradContext* ctx, variable_list grads) {
         const auto& dOut = grads[0];
         variable_list out(kInputs);
@@ -227,7 +271,8 @@ class ImplicitRNN : public torch::autograd::Function<ImplicitRNN> {
         const auto saved = ctx->get_saved_variables();
         const auto &x = saved[0], &h0 = saved[1], &A = saved[2], &A_bar = saved[3], &B = saved[4],
                    &C = saved[5], &D = saved[6], &X = saved[7], &Z = saved[8],
-                   &outputs = saved[9];
+                   &active = saved[11];
+        const auto& H = active.defined() ? saved[10] : saved[9];  // every h_t
         const Settings s = c10::static_intrusive_pointer_cast<SettingsHolder>(
                                ctx->saved_data["settings"].toCapsule())
                                ->settings;
@@ -247,10 +292,17 @@ class ImplicitRNN : public torch::autograd::Function<ImplicitRNN> {
         at::Tensor dh;  // dL/dh_t from step t+1
         for (int64_t t = T - 1; t >= 0; --t) {
             G[t] = dh.defined() ? dOut.select(1, t) + dh : dOut.select(1, t);
+            at::Tensor kept;  // what a sequence past its length hands on
+            if (active.defined()) {
+                const auto on = active.select(1, t);
+                if (dh.defined()) kept = at::where(on, 0.0, dh);
+                G[t] = at::where(on, G[t], 0.0);
+            }
             std::tie(V[t], step[t]) = adjoint_solve(A_bar, Z[t], G[t].mm(C), s);
             if (t == 0 && !needs(kH0)) break;
             dh = V[t].mm(Bh);
             if (D.defined()) dh.addmm_(G[t], Dh, 1.0, s.d_scale);
+            if (kept.defined()) dh.add_(kept);
         }
         report_backward(ctx, at::stack(step), s);
 
@@ -260,7 +312,7 @@ class ImplicitRNN : public torch::autograd::Function<ImplicitRNN> {
         auto U = [&] {  // [x_t, h_{t-1}] of every step
             const auto h_first = h0.defined() ? h0 : at::zeros({m, q}, x.options());
             const auto h_prev = at::cat({h_first.unsqueeze(0),
-                                         outputs.transpose(0, 1).narrow(0, 0, T - 1)});
+                                         H.transpose(0, 1).narrow(0, 0, T - 1)});
             return at::cat({x.transpose(0, 1), h_prev}, 2).view({T * m, p_in + q});
         };
         if (needs(kX)) {
@@ -308,18 +360,18 @@ using RnnResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 #define IDL_RNN_PARAMS                                                                         \
     const at::Tensor &x, const OptTensor &h0, const at::Tensor &A, const at::Tensor &B,         \
         const at::Tensor &C, const OptTensor &D, const OptTensor &bias_hidden,                  \
-        const OptTensor &bias_out, IDL_SETTINGS_PARAMS
+        const OptTensor &bias_out, const OptTensor &lengths, IDL_SETTINGS_PARAMS
 
 RnnResult implicit_rnn_forward(IDL_RNN_PARAMS) {
     const auto s = settings_of(IDL_SETTINGS_ARGS);
     const NoAutocast no_autocast;
-    auto f = reported_rnn_forward(x, h0, A, B, C, D, bias_hidden, bias_out, s);
+    auto f = reported_rnn_forward(x, h0, lengths, A, B, C, D, bias_hidden, bias_out, s);
     return {f.outputs, f.stats, f.step_stats};
 }
 
 RnnResult implicit_rnn_autograd(IDL_RNN_PARAMS) {
     const auto s = settings_of(IDL_SETTINGS_ARGS);
-    auto out = ImplicitRNN::apply(x, h0, A, B, C, D, bias_hidden, bias_out, s);
+    auto out = ImplicitRNN::apply(x, h0, lengths, A, B, C, D, bias_hidden, bias_out, s);
     return {out[0], out[1], out[2]};
 }
 
@@ -330,11 +382,12 @@ RnnResult implicit_rnn_autograd(IDL_RNN_PARAMS) {
 TORCH_LIBRARY_FRAGMENT(idl, m) {
     m.def(
         "implicit_rnn(Tensor x, Tensor? h0, Tensor A, Tensor B, Tensor C, Tensor? D, "
-        "Tensor? bias_hidden, Tensor? bias_out, str well_posed, float kappa, str activation, "
-        "float slope, int max_iter, float tol, int grad_max_iter, float grad_tol, str method, "
-        "int memory, float rtol=0.0, float grad_rtol=0.0, str backward=\"implicit\", "
-        "int phantom_steps=5, float phantom_tau=0.5, str on_nonconvergence=\"warn\", "
-        "float d_scale=1.0) -> (Tensor outputs, Tensor stats, Tensor step_stats)");
+        "Tensor? bias_hidden, Tensor? bias_out, Tensor? lengths, str well_posed, float kappa, "
+        "str activation, float slope, int max_iter, float tol, int grad_max_iter, "
+        "float grad_tol, str method, int memory, float rtol=0.0, float grad_rtol=0.0, "
+        "str backward=\"implicit\", int phantom_steps=5, float phantom_tau=0.5, "
+        "str on_nonconvergence=\"warn\", float d_scale=1.0) -> (Tensor outputs, Tensor stats, "
+        "Tensor step_stats)");
 }
 
 TORCH_LIBRARY_IMPL(idl, CompositeExplicitAutograd, m) {

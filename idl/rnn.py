@@ -126,9 +126,8 @@ class ImplicitRNNCell(nn.Module):
 
     With a built-in activation the whole recurrence is one op,
     idl::implicit_rnn (the loop over time and backpropagation through time in
-    C++); a model whose ImplicitFunction defines phi/dphi in Python, padded
-    sequences of different lengths and autocast take a Python loop over the
-    steps, with the same results.
+    C++); a model whose ImplicitFunction defines phi/dphi in Python, and
+    autocast, take a Python loop over the steps, with the same results.
     """
 
     def __init__(self, input_dim: int, hidden_dim: int, implicit_hidden_dim: int, batch_first: bool = True,
@@ -194,10 +193,11 @@ class ImplicitRNNCell(nn.Module):
         (outputs in the original order). Returns (outputs, h) batch-first."""
         if reverse:
             x = reverse_padded(x, lengths)
-        if self._op_applies(x, lengths):
-            outputs = self._recurrence(x, h0)
-            h = outputs[:, -1]
-            return (outputs.flip(1) if reverse else outputs), h
+        if self._op_applies(x):
+            outputs = self._recurrence(x, h0, lengths)
+            # each sequence's last h: its output at its last step
+            h = outputs[:, -1] if lengths is None else outputs[torch.arange(x.shape[0]), lengths - 1]
+            return (reverse_padded(outputs, lengths) if reverse else outputs), h
         h = x.new_zeros(x.shape[0], self.hidden_dim) if h0 is None else h0
         state = None
         outputs, stats = [], []
@@ -221,12 +221,13 @@ class ImplicitRNNCell(nn.Module):
             outputs = reverse_padded(outputs, lengths)
         return outputs, h
 
-    def _op_applies(self, x: torch.Tensor, lengths: Optional[torch.Tensor]) -> bool:
+    def _op_applies(self, x: torch.Tensor) -> bool:
         """Whether idl::implicit_rnn runs the sequence (else the Python loop)."""
-        return lengths is None and not self.layer.f.python_activation and not autocasting(x)
+        return not self.layer.f.python_activation and not autocasting(x)
 
-    def _recurrence(self, x: torch.Tensor, h0: Optional[torch.Tensor]) -> torch.Tensor:
-        """Every step's h (batch, T, hidden_dim) of a batch-first x, by
+    def _recurrence(self, x: torch.Tensor, h0: Optional[torch.Tensor],
+                    lengths: Optional[torch.Tensor]) -> torch.Tensor:
+        """The outputs (batch, T, hidden_dim) of a batch-first x, by
         idl::implicit_rnn: the layer's parameters as ImplicitModel hands them
         to idl::implicit_layer."""
         layer = self.layer
@@ -239,7 +240,7 @@ class ImplicitRNNCell(nn.Module):
             well_posed = layer.projection if well_posedness == "projection" else well_posedness
         biases = (layer.bias_hidden, layer.bias_out) if layer.bias else (None, None)
         outputs, stats, steps = ops.implicit_rnn(
-            x, h0, A, layer.B, layer.C, None if layer.no_D else layer.D, *biases, well_posed, layer.kappa,
+            x, h0, A, layer.B, layer.C, None if layer.no_D else layer.D, *biases, lengths, well_posed, layer.kappa,
             layer.activation, layer.negative_slope, *layer.options.layer_args(), d_scale=layer.d_scale,
         )
         if torch.compiler.is_compiling():  # a compiled graph cannot read stats

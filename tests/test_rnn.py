@@ -218,7 +218,7 @@ def test_bad_construction(args, error, match):
 
 def python_loop(monkeypatch, cell):
     """The cell with its op switched off: the Python loop over the steps."""
-    monkeypatch.setattr(cell, "_op_applies", lambda x, lengths: False)
+    monkeypatch.setattr(cell, "_op_applies", lambda x: False)
     return cell
 
 
@@ -245,7 +245,7 @@ def test_op_matches_the_python_loop_with_every_gradient(monkeypatch, options):
     x = torch.randn(4, 6, 2, dtype=torch.float64, requires_grad=True)
     h0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     weights = torch.randn(4, 6, 3, dtype=torch.float64)
-    assert cell._op_applies(x, None)
+    assert cell._op_applies(x)
     out, grads = every_grad(cell, (x, h0), weights)
     op_stats = [s.forward for s in cell.step_stats]
     ref_out, ref_grads = every_grad(python_loop(monkeypatch, cell), (x, h0), weights)
@@ -295,7 +295,7 @@ def op_args(dtype=torch.float64, requires_grad=True, **settings):
     options = dict(well_posed="exact", kappa=0.9, activation="tanh", slope=0.01, max_iter=500, tol=1e-12,
                    grad_max_iter=500, grad_tol=1e-12, method="picard", memory=5)
     options.update(settings)
-    return (x, h0, A, B, C, D, bh, bo, *options.values())
+    return (x, h0, A, B, C, D, bh, bo, None, *options.values())
 
 
 def test_op_gradcheck():
@@ -303,15 +303,48 @@ def test_op_gradcheck():
     tensors = args[:8]
 
     def outputs(*tensors):
-        return idl._ops.ops.implicit_rnn(*tensors, *args[8:], d_scale=0.5)[0]
+        return idl._ops.ops.implicit_rnn(*tensors, torch.tensor([3, 2]), *args[9:], d_scale=0.5)[0]
 
     assert torch.autograd.gradcheck(outputs, tensors, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-def test_op_opcheck():
+@pytest.mark.parametrize("lengths", [None, [3, 2]])
+def test_op_opcheck(lengths):
     from stats_opcheck import opcheck_with_stats
 
-    opcheck_with_stats(idl._ops.ops.implicit_rnn.default, op_args(), stats_index=(1, 2))
+    args = list(op_args())
+    args[8] = None if lengths is None else torch.tensor(lengths)
+    opcheck_with_stats(idl._ops.ops.implicit_rnn.default, tuple(args), stats_index=(1, 2))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_op_with_lengths_matches_the_loop(monkeypatch, packed):
+    torch.manual_seed(12)
+    model = ImplicitRNN(2, 2, 3, 4, num_layers=2, bidirectional=True, bias=True, **TIGHT).double()
+    x = torch.randn(3, 5, 2, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, 3, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([5, 2, 3])
+    w_out, w_h = torch.randn(3, 5, 6, dtype=torch.float64), torch.randn(4, 3, 3, dtype=torch.float64)
+
+    def run():
+        if packed:
+            seq = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            outputs, h_n = model.sequence(seq, h0)
+            outputs = torch.nn.utils.rnn.pad_packed_sequence(outputs, batch_first=True)[0]
+        else:
+            outputs, h_n = model.sequence(x, h0, lengths)
+        loss = (outputs * w_out).sum() + (h_n * w_h).sum() + model(x, h0, lengths).sum()
+        return outputs.detach(), h_n.detach(), torch.autograd.grad(loss, [x, h0, *model.parameters()])
+
+    outputs, h_n, grads = run()
+    assert torch.equal(outputs[1, 2:], torch.zeros(3, 6, dtype=torch.float64))
+    for cell in model.cells:
+        python_loop(monkeypatch, cell)
+    ref_outputs, ref_h_n, ref_grads = run()
+    torch.testing.assert_close(outputs, ref_outputs, atol=1e-10, rtol=0)
+    torch.testing.assert_close(h_n, ref_h_n, atol=1e-10, rtol=0)
+    for grad, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref, atol=1e-9, rtol=1e-9)
 
 
 def test_op_stats_merge_the_steps_and_the_backward_writes_its_rows():
