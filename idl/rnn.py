@@ -6,8 +6,11 @@ At step t the cell solves, for its implicit state X_t,
     h_t = X_t Cᵀ + [u_t, h_{t-1}] Dᵀ
 
 with an :class:`idl.ImplicitModel` (input [u_t, h_{t-1}], output h_t). Each
-step differentiates implicitly; autograd chains the steps (backpropagation
-through time across steps, never through solver iterations).
+step differentiates implicitly, and backpropagation through time chains the
+steps (never through solver iterations). With a built-in activation a whole
+layer is one op, idl::implicit_rnn (csrc/implicit_rnn.cpp), the loop over
+time and its backward in C++; otherwise autograd chains the steps of a
+Python loop.
 
 Conventions follow nn.RNN / nn.LSTM / nn.GRU where they can, with one
 difference kept from torchidl: ``batch_first=True`` is the default (input
@@ -158,7 +161,7 @@ class ImplicitRNNCell(nn.Module):
     # SolveStats.
     @property
     def step_stats(self) -> List[SolveStats]:
-        steps = self.__dict__["_step_stats"]
+        steps = self.__dict__.get("_step_stats", [])
         if isinstance(steps, torch.Tensor):  # the op's (T, 2, 3): its rows are views
             steps = self.__dict__["_step_stats"] = [SolveStats([row]) for row in steps.unbind(0)]
         return steps
@@ -171,7 +174,7 @@ class ImplicitRNNCell(nn.Module):
     def last_stats(self) -> Optional[SolveStats]:
         """Summary of the last forward's per-step solves (and, once it has run,
         their backward solves)."""
-        merged = self.__dict__["_merged_stats"]
+        merged = self.__dict__.get("_merged_stats")
         return merge_stats(self.step_stats) if merged is None else SolveStats([merged])
 
     def _check_h0(self, h0, batch):
