@@ -43,9 +43,9 @@ using torch::autograd::variable_list;
 // layer's own as idl::implicit_layer checks them, for U = [x_t, h_{t-1}]
 // (m, p_in + q) and an output of size q.
 void check_rnn_args(const at::Tensor& x, const OptTensor& h0, const OptTensor& lengths,
-                    const at::Tensor& A,
-                    const at::Tensor& B, const at::Tensor& C, const OptTensor& D,
-                    const OptTensor& bias_hidden, const OptTensor& bias_out, const Settings& s) {
+                    const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                    const OptTensor& D, const OptTensor& bias_hidden, const OptTensor& bias_out,
+                    const Settings& s) {
     TORCH_CHECK_VALUE(x.dim() == 3, "idl: x must be a 3-D tensor (batch, seq_len, input), got ",
                       x.dim(), "-D");
     idl_checks::check_floating(x, "x");
@@ -72,6 +72,9 @@ void check_rnn_args(const at::Tensor& x, const OptTensor& h0, const OptTensor& l
     // only its kind and its number of columns.
     const auto U = at::empty_symint({0, x.sym_size(2) + q}, x.options());
     check_layer_args(U, A, B, C, D, bias_hidden, bias_out, s);
+    if (forward_needs_rel(s))  // the backward's settings, as idl::fixed_point checks them
+        idl_checks::parse_solver(s.method, s.grad_max_iter, s.grad_tol, s.memory,
+                                 "grad_max_iter", "grad_tol", s.grad_rtol, "grad_rtol");
 }
 
 // Multiply-adds of the largest product: those over the whole sequence, with

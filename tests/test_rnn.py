@@ -235,6 +235,8 @@ def every_grad(model, inputs, weights):
     dict(activation="leaky_relu", projection="scale", solver="anderson"),
     dict(is_low_rank=True, rank=2, bias=True),
     dict(no_D=True, bias=True, activation="sigmoid"),
+    dict(rtol=1e-4, grad_rtol=1e-4, solver="auto"),
+    dict(backward="phantom", phantom_steps=3),
 ])
 def test_op_matches_the_python_loop_with_every_gradient(monkeypatch, options):
     torch.manual_seed(8)
