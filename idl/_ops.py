@@ -270,3 +270,46 @@ def not_differentiable(name):
 for _name in ("project_linf_backward", "fixed_point_adjoint", "fixed_point_rel",
               "fixed_point_adjoint_rel", "phantom_adjoint", "attention_adjoint", "attention_value_adjoint"):
     torch.library.register_autograd(f"idl::{_name}", not_differentiable(f"idl::{_name}"))
+
+
+# ---- the RNN recurrence (csrc/implicit_rnn.cpp) ------------------------------
+#
+# idl::implicit_rnn: a whole ImplicitRNNCell sequence as one op, its backward
+# (backpropagation through time) in C++. The fake kernel checks what the C++
+# glue checks before it solves: x (batch, T, input), h0 (batch, hidden),
+# lengths (batch) int64, and the layer's matrices for a step input [x_t, h_{t-1}] of input + hidden
+# columns.
+
+
+def _check_shape(t, shape, name, what):
+    torch._check_value(tuple(t.shape) == tuple(shape),
+                       lambda: f"idl: {name} must have shape {list(shape)} ({what}), got {list(t.shape)}")
+
+
+@torch.library.register_fake("idl::implicit_rnn")
+def _(x, h0, A, B, C, D, bias_hidden, bias_out, lengths, well_posed, kappa, activation, slope, max_iter,
+      tol, grad_max_iter, grad_tol, method, memory, rtol=0.0, grad_rtol=0.0, backward="implicit",
+      phantom_steps=5, phantom_tau=0.5, on_nonconvergence="warn", d_scale=1.0):
+    torch._check_value(x.dim() == 3, lambda: f"idl: x must be a 3-D tensor (batch, seq_len, input), got {x.dim()}-D")
+    _check_matrix(A, "A")
+    torch._check_value(A.shape[0] == A.shape[1], lambda: f"idl: A must be square, got {list(A.shape)}")
+    batch, steps, inputs = x.shape
+    n, hidden = A.shape[0], C.shape[0]
+    torch._check_value(steps >= 1, lambda: "idl: x must hold at least one time step")
+    _check_same_kind(x, A, "x", "A")
+    for t, name, shape, what in ((B, "B", (n, inputs + hidden), "hidden size, input + hidden"),
+                                 (C, "C", (hidden, n), "hidden, hidden size"),
+                                 (D, "D", (hidden, inputs + hidden), "hidden, input + hidden"),
+                                 (h0, "h0", (batch, hidden), "batch, hidden"),
+                                 (bias_hidden, "bias_hidden", (n,), "hidden size"),
+                                 (bias_out, "bias_out", (hidden,), "hidden")):
+        if t is not None:
+            _check_same_kind(t, A, name, "A")
+            _check_shape(t, shape, name, what)
+    if lengths is not None:
+        torch._check_type(lengths.dtype == torch.int64, lambda: f"idl: lengths must be int64, got {lengths.dtype}")
+        torch._check_value(lengths.device == x.device,
+                           lambda: f"idl: lengths is on {lengths.device} but x is on {x.device}")
+        _check_shape(lengths, (batch,), "lengths", "batch")
+    return (x.new_empty(batch, steps, hidden), x.new_empty(2, 3, dtype=torch.float64),
+            x.new_empty(steps, 2, 3, dtype=torch.float64))

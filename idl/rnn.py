@@ -6,8 +6,11 @@ At step t the cell solves, for its implicit state X_t,
     h_t = X_t Cᵀ + [u_t, h_{t-1}] Dᵀ
 
 with an :class:`idl.ImplicitModel` (input [u_t, h_{t-1}], output h_t). Each
-step differentiates implicitly; autograd chains the steps (backpropagation
-through time across steps, never through solver iterations).
+step differentiates implicitly, and backpropagation through time chains the
+steps (never through solver iterations). With a built-in activation a whole
+layer is one op, idl::implicit_rnn (csrc/implicit_rnn.cpp), the loop over
+time and its backward in C++; otherwise autograd chains the steps of a
+Python loop.
 
 Conventions follow nn.RNN / nn.LSTM / nn.GRU where they can, with one
 difference kept from torchidl: ``batch_first=True`` is the default (input
@@ -23,8 +26,9 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from ._ops import ops
 from ._stats import SolveStats, merge_stats
-from ._checks import check_like, check_positive_int
+from ._checks import autocasting, check_like, check_positive_int, refuse_function_transforms
 from .implicit import ImplicitModel
 
 # The keyword arguments a cell forwards to ImplicitModel.
@@ -122,6 +126,11 @@ class ImplicitRNNCell(nn.Module):
 
     After a call, ``step_stats`` holds every step's SolveStats and
     ``last_stats`` summarises them (the most iterations, the largest residual).
+
+    With a built-in activation the whole recurrence is one op,
+    idl::implicit_rnn (the loop over time and backpropagation through time in
+    C++); a model whose ImplicitFunction defines phi/dphi in Python, and
+    autocast, take a Python loop over the steps, with the same results.
     """
 
     def __init__(self, input_dim: int, hidden_dim: int, implicit_hidden_dim: int, batch_first: bool = True,
@@ -147,11 +156,26 @@ class ImplicitRNNCell(nn.Module):
     def implicit_hidden_dim(self) -> int:
         return self.layer.hidden_dim
 
+    # The stats of the last run: from the op, its stats tensors (step_stats
+    # made a list of SolveStats when read); from the Python loop, each step's
+    # SolveStats.
+    @property
+    def step_stats(self) -> List[SolveStats]:
+        steps = self.__dict__.get("_step_stats", [])
+        if isinstance(steps, torch.Tensor):  # the op's (T, 2, 3): its rows are views
+            steps = self.__dict__["_step_stats"] = [SolveStats([row]) for row in steps.unbind(0)]
+        return steps
+
+    @step_stats.setter
+    def step_stats(self, stats: List[SolveStats]) -> None:
+        self.__dict__["_step_stats"], self.__dict__["_merged_stats"] = stats, None
+
     @property
     def last_stats(self) -> Optional[SolveStats]:
         """Summary of the last forward's per-step solves (and, once it has run,
         their backward solves)."""
-        return merge_stats(self.step_stats)
+        merged = self.__dict__.get("_merged_stats")
+        return merge_stats(self.step_stats) if merged is None else SolveStats([merged])
 
     def _check_h0(self, h0, batch):
         who = type(self).__name__
@@ -172,6 +196,11 @@ class ImplicitRNNCell(nn.Module):
         (outputs in the original order). Returns (outputs, h) batch-first."""
         if reverse:
             x = reverse_padded(x, lengths)
+        if self._op_applies(x):
+            outputs = self._recurrence(x, h0, lengths)
+            # each sequence's last h: its output at its last step
+            h = outputs[:, -1] if lengths is None else outputs[torch.arange(x.shape[0]), lengths - 1]
+            return (reverse_padded(outputs, lengths) if reverse else outputs), h
         h = x.new_zeros(x.shape[0], self.hidden_dim) if h0 is None else h0
         state = None
         outputs, stats = [], []
@@ -194,6 +223,34 @@ class ImplicitRNNCell(nn.Module):
         if reverse:
             outputs = reverse_padded(outputs, lengths)
         return outputs, h
+
+    def _op_applies(self, x: torch.Tensor) -> bool:
+        """Whether idl::implicit_rnn runs the sequence (else the Python loop)."""
+        return not self.layer.f.python_activation and not autocasting(x)
+
+    def _recurrence(self, x: torch.Tensor, h0: Optional[torch.Tensor],
+                    lengths: Optional[torch.Tensor]) -> torch.Tensor:
+        """The outputs (batch, T, hidden_dim) of a batch-first x, by
+        idl::implicit_rnn: the layer's parameters as ImplicitModel hands them
+        to idl::implicit_layer."""
+        layer = self.layer
+        refuse_function_transforms(type(layer).__name__)
+        well_posedness = layer.f.well_posedness
+        if layer.is_low_rank or well_posedness is None:
+            A, well_posed = layer.effective_A(), "none"
+        else:
+            A = layer.A
+            well_posed = layer.projection if well_posedness == "projection" else well_posedness
+        biases = (layer.bias_hidden, layer.bias_out) if layer.bias else (None, None)
+        outputs, stats, steps = ops.implicit_rnn(
+            x, h0, A, layer.B, layer.C, None if layer.no_D else layer.D, *biases, lengths, well_posed, layer.kappa,
+            layer.activation, layer.negative_slope, *layer.options.layer_args(), d_scale=layer.d_scale,
+        )
+        if torch.compiler.is_compiling():  # a compiled graph cannot read stats
+            self.step_stats = []
+        else:
+            self.__dict__["_step_stats"], self.__dict__["_merged_stats"] = steps, stats
+        return outputs
 
     def forward(self, x: torch.Tensor, h0: Optional[torch.Tensor] = None,
                 lengths=None) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -70,6 +70,7 @@ def test_each_step_is_the_inner_models_output_and_warm_started(monkeypatch):
         states.append(state)
         return h, state
 
+    python_loop(monkeypatch, cell)  # the fallback's steps; the op's: test_op_is_warm_started_...
     monkeypatch.setattr(cell.layer, "forward_with_state", recording)
     outputs, _ = cell(x)
     monkeypatch.undo()
@@ -210,3 +211,163 @@ def test_bad_construction(args, error, match):
         ImplicitRNN(*args)
     with pytest.raises(ValueError, match="activation"):
         ImplicitRNN(2, 1, 3, 4, activation="gelu")
+
+
+# ---- idl::implicit_rnn: the whole recurrence as one op --------------------------------
+
+
+def python_loop(monkeypatch, cell):
+    """The cell with its op switched off: the Python loop over the steps."""
+    monkeypatch.setattr(cell, "_op_applies", lambda x: False)
+    return cell
+
+
+def every_grad(model, inputs, weights):
+    out = model(*inputs)
+    out = out[0] if isinstance(out, tuple) else out
+    grads = torch.autograd.grad((out * weights).sum(), [*inputs, *model.parameters()])
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(bias=True, activation="tanh"),
+    dict(activation="leaky_relu", projection="scale", solver="anderson"),
+    dict(is_low_rank=True, rank=2, bias=True),
+    dict(no_D=True, bias=True, activation="sigmoid"),
+    dict(rtol=1e-4, grad_rtol=1e-4, solver="auto"),
+    dict(backward="phantom", phantom_steps=3),
+])
+def test_op_matches_the_python_loop_with_every_gradient(monkeypatch, options):
+    torch.manual_seed(8)
+    cell = ImplicitRNNCell(2, 3, 5, **TIGHT, **options).double()
+    if hasattr(cell.layer, "A"):
+        with torch.no_grad():  # make the projection active on some rows
+            cell.layer.A.mul_(30)
+    x = torch.randn(4, 6, 2, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(4, 6, 3, dtype=torch.float64)
+    assert cell._op_applies(x)
+    out, grads = every_grad(cell, (x, h0), weights)
+    op_stats = [s.forward for s in cell.step_stats]
+    ref_out, ref_grads = every_grad(python_loop(monkeypatch, cell), (x, h0), weights)
+    torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=0)
+    for grad, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref, atol=1e-9, rtol=1e-9)
+    # the same solves, warm-started alike: the same iterations at every step
+    assert [s["iterations"] for s in op_stats] == [s.forward["iterations"] for s in cell.step_stats]
+
+
+def test_op_runs_stacked_and_bidirectional_layers_as_the_loop(monkeypatch):
+    torch.manual_seed(9)
+    model = ImplicitRNN(2, 2, 3, 4, num_layers=2, bidirectional=True, bias=True, **TIGHT).double()
+    x = torch.randn(3, 5, 2, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, 3, 3, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(3, 2, dtype=torch.float64)
+    out, grads = every_grad(model, (x, h0), weights)
+    for cell in model.cells:
+        python_loop(monkeypatch, cell)
+    ref_out, ref_grads = every_grad(model, (x, h0), weights)
+    torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=0)
+    for grad, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref, atol=1e-9, rtol=1e-9)
+
+
+def test_op_is_warm_started_and_each_step_is_the_layers_solve():
+    torch.manual_seed(10)
+    cell = ImplicitRNNCell(2, 3, 8, tol=1e-10, mitr=2000, kappa=0.9).double()
+    with torch.no_grad():
+        cell.layer.A.mul_(80)  # slow contraction: a warm start saves iterations
+    x = torch.randn(4, 6, 2, dtype=torch.float64) * 0.1
+    outputs, _ = cell(x)
+    warm = [s.forward["iterations"] for s in cell.step_stats]
+    h, cold = torch.zeros(4, 3, dtype=torch.float64), []
+    for t in range(6):  # a cold solve of the same step gives the same h_t
+        h = cell.layer(torch.cat((x[:, t], h), dim=1))
+        cold.append(cell.layer.last_stats.forward["iterations"])
+        torch.testing.assert_close(outputs[:, t], h, atol=1e-9, rtol=0)
+    assert warm[0] == cold[0] and sum(warm[1:]) < sum(cold[1:])
+
+
+def op_args(dtype=torch.float64, requires_grad=True, **settings):
+    torch.manual_seed(11)
+    make = lambda *shape: torch.randn(*shape, dtype=dtype).requires_grad_(requires_grad)  # noqa: E731
+    x, h0, A, B, C, D, bh, bo = make(2, 3, 2), make(2, 3), make(4, 4), make(4, 5), make(3, 4), make(3, 5), \
+        make(4), make(3)
+    options = dict(well_posed="exact", kappa=0.9, activation="tanh", slope=0.01, max_iter=500, tol=1e-12,
+                   grad_max_iter=500, grad_tol=1e-12, method="picard", memory=5)
+    options.update(settings)
+    return (x, h0, A, B, C, D, bh, bo, None, *options.values())
+
+
+def test_op_gradcheck():
+    args = op_args()
+    tensors = args[:8]
+
+    def outputs(*tensors):
+        return idl._ops.ops.implicit_rnn(*tensors, torch.tensor([3, 2]), *args[9:], d_scale=0.5)[0]
+
+    assert torch.autograd.gradcheck(outputs, tensors, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lengths", [None, [3, 2]])
+def test_op_opcheck(lengths):
+    from stats_opcheck import opcheck_with_stats
+
+    args = list(op_args())
+    args[8] = None if lengths is None else torch.tensor(lengths)
+    opcheck_with_stats(idl._ops.ops.implicit_rnn.default, tuple(args), stats_index=(1, 2))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_op_with_lengths_matches_the_loop(monkeypatch, packed):
+    torch.manual_seed(12)
+    model = ImplicitRNN(2, 2, 3, 4, num_layers=2, bidirectional=True, bias=True, **TIGHT).double()
+    x = torch.randn(3, 5, 2, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, 3, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([5, 2, 3])
+    w_out, w_h = torch.randn(3, 5, 6, dtype=torch.float64), torch.randn(4, 3, 3, dtype=torch.float64)
+
+    def run():
+        if packed:
+            seq = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            outputs, h_n = model.sequence(seq, h0)
+            outputs = torch.nn.utils.rnn.pad_packed_sequence(outputs, batch_first=True)[0]
+        else:
+            outputs, h_n = model.sequence(x, h0, lengths)
+        loss = (outputs * w_out).sum() + (h_n * w_h).sum() + model(x, h0, lengths).sum()
+        return outputs.detach(), h_n.detach(), torch.autograd.grad(loss, [x, h0, *model.parameters()])
+
+    outputs, h_n, grads = run()
+    assert torch.equal(outputs[1, 2:], torch.zeros(3, 6, dtype=torch.float64))
+    for cell in model.cells:
+        python_loop(monkeypatch, cell)
+    ref_outputs, ref_h_n, ref_grads = run()
+    torch.testing.assert_close(outputs, ref_outputs, atol=1e-10, rtol=0)
+    torch.testing.assert_close(h_n, ref_h_n, atol=1e-10, rtol=0)
+    for grad, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref, atol=1e-9, rtol=1e-9)
+
+
+def test_op_stats_merge_the_steps_and_the_backward_writes_its_rows():
+    cell = ImplicitRNNCell(2, 3, 4, tol=1e-8, grad_tol=1e-8).double()
+    x = torch.randn(3, 5, 2, dtype=torch.float64)
+    outputs, _ = cell(x)
+    steps = cell.step_stats
+    assert len(steps) == 5 and all(s.backward is None for s in steps)
+    merged = cell.last_stats
+    assert merged.forward["iterations"] == max(s.forward["iterations"] for s in steps)
+    assert merged.forward["converged"] and merged.forward["criterion"] == "tol"
+    outputs.sum().backward()
+    assert merged.backward["converged"]
+    assert merged.backward["iterations"] == max(s.backward["iterations"] for s in steps)
+
+
+def test_op_create_graph_gives_first_derivatives_and_refuses_second_ones():
+    cell = ImplicitRNNCell(2, 3, 4, activation="tanh", **TIGHT).double()
+    x = torch.randn(3, 4, 2, dtype=torch.float64, requires_grad=True)
+    (want,) = torch.autograd.grad(cell(x)[0].square().sum(), x)
+    (got,) = torch.autograd.grad(cell(x)[0].square().sum(), x, create_graph=True)
+    torch.testing.assert_close(got.detach(), want, atol=0, rtol=0)
+    with pytest.raises(NotImplementedError, match="fixed_point_adjoint is not differentiable"):
+        got.square().sum().backward()
