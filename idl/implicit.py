@@ -393,16 +393,22 @@ class ImplicitModel(nn.Module):
         keep = stats is not None and not torch.compiler.is_compiling()
         self.__dict__["last_stats"] = SolveStats([stats]) if keep else None
 
+    def op_A(self):
+        """(A, well_posed) as the compiled ops (idl::implicit_layer,
+        idl::implicit_rnn) take them: the parameter A and how to make it
+        well-posed, where the ImplicitFunction says how; else the effective A
+        (low rank, or a user's well_posed) with "none", autograd carrying the
+        gradient back to L, R or the user's parameters."""
+        well_posedness = self.f.well_posedness
+        if self.is_low_rank or well_posedness is None:
+            return self.effective_A(), "none"
+        return self.A, self.projection if well_posedness == "projection" else well_posedness
+
     def _compiled_layer(self, U, X0, readout):
         """idl::implicit_layer, which makes A well-posed itself where the
         ImplicitFunction says how (else it is handed the effective A), and
         runs the whole forward as one op with its backward in C++."""
-        well_posedness = self.f.well_posedness
-        if self.is_low_rank or well_posedness is None:
-            A, well_posed = self.effective_A(), "none"
-        else:
-            A = self.A
-            well_posed = self.projection if well_posedness == "projection" else well_posedness
+        A, well_posed = self.op_A()
         if readout:
             C, D = self.C, None if self.no_D else self.D
             bias_out = self.bias_out if self.bias else None

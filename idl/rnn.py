@@ -235,12 +235,7 @@ class ImplicitRNNCell(nn.Module):
         to idl::implicit_layer."""
         layer = self.layer
         refuse_function_transforms(type(layer).__name__)
-        well_posedness = layer.f.well_posedness
-        if layer.is_low_rank or well_posedness is None:
-            A, well_posed = layer.effective_A(), "none"
-        else:
-            A = layer.A
-            well_posed = layer.projection if well_posedness == "projection" else well_posedness
+        A, well_posed = layer.op_A()
         biases = (layer.bias_hidden, layer.bias_out) if layer.bias else (None, None)
         outputs, stats, steps = ops.implicit_rnn(
             x, h0, A, layer.B, layer.C, None if layer.no_D else layer.D, *biases, lengths, well_posed, layer.kappa,
