@@ -118,8 +118,14 @@ def relative(pattern):
 
 
 SOURCES = relative("csrc/*.cpp") + relative("csrc/cpu/*.c")
+# The headers and included bodies: build_ext rebuilds the extension only when a
+# source or one of these is newer than it (an edit to idl_math.h alone was
+# silently not built).
+HEADERS = [path for pattern in ("csrc/*.h", "csrc/cpu/*.h", "csrc/cpu/*.inc", "csrc/cuda/*.h",
+                                "csrc/cuda/*.cuh") for path in relative(pattern)]
 COMMON = dict(
-    name="idl._C", include_dirs=[os.path.join(HERE, "csrc")], extra_link_args=[*OPENMP, *SANITIZE]
+    name="idl._C", include_dirs=[os.path.join(HERE, "csrc")], depends=HEADERS,
+    extra_link_args=[*OPENMP, *SANITIZE],
 )
 
 if build_cuda():
