@@ -7,6 +7,7 @@ modules of idl/attention.py call them. Here also: Φ (the attention math, which
 idl.attention re-exports) and the batched solver the kernels iterate with.
 """
 import math
+import os
 from typing import Callable, Optional
 
 import torch
@@ -162,12 +163,28 @@ def _stats_row(iterations, residual, converged):
     return torch.tensor([float(iterations), residual, float(converged)], dtype=torch.float64)
 
 
-def solve_sequences(g, start, max_iter, tol, method="picard", memory=5, inputs=()):
+def check_every(device: torch.device) -> int:
+    """How often a solve reads its residual back: every iteration on the CPU;
+    on a GPU every IDL_CUDA_CHECK_EVERY iterations (default 8, as the compiled
+    CUDA solves; 0 = never, max_iter iterations), since each read waits for
+    the device to drain its queue."""
+    if device.type != "cuda":
+        return 1
+    text = os.environ.get("IDL_CUDA_CHECK_EVERY", "") or "8"
+    if not text.isdigit():
+        raise ValueError(f"idl: IDL_CUDA_CHECK_EVERY must be an integer >= 0, got {text!r}")
+    return int(text)
+
+
+def solve_sequences(g, start, max_iter, tol, method="picard", memory=5, inputs=(), every=None):
     """x <- g(x) (Anderson-mixed if asked) for every row of ``start`` (rows:
     whole sequences, flattened) until every row's residual ||g(x) - x||_inf is
     <= tol or max_iter; every row iterates until all are done (no rows are
-    gathered or copied). Returns (the last g(x), stats row [iterations,
-    worst residual, converged]). NaN or Inf in ``inputs`` stops it at once."""
+    gathered or copied). The residual is read back every ``every`` iterations
+    (default: check_every(start.device); 0: only after max_iter), so a solve
+    may run up to every - 1 iterations past the first one that met tol.
+    Returns (the last g(x), stats row [iterations, worst residual,
+    converged]). NaN or Inf in ``inputs`` stops it at once."""
     if start.is_meta:
         return torch.empty_like(start), torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64)
     if start.numel() == 0:
@@ -176,17 +193,19 @@ def solve_sequences(g, start, max_iter, tol, method="picard", memory=5, inputs=(
         if t is not None and not torch.isfinite(t).all():
             nan = float("nan")
             return torch.full_like(start, nan), _stats_row(0, nan, False)
+    every = check_every(start.device) if every is None else every
     x = start
     anderson = _Anderson(start.shape[0], start.shape[1], memory, start) if method == "anderson" else None
     gx, worst = start, 0.0
     for iteration in range(1, max_iter + 1):
         gx = g(x)
         residual = (gx - x).abs().amax(dim=1)
-        worst = residual.max().item()
-        if not math.isfinite(worst):
-            return gx, _stats_row(iteration, worst, False)
-        if worst <= tol:
-            return gx, _stats_row(iteration, worst, True)
+        if iteration == max_iter or (every and iteration % every == 0):
+            worst = residual.max().item()
+            if not math.isfinite(worst):
+                return gx, _stats_row(iteration, worst, False)
+            if worst <= tol:
+                return gx, _stats_row(iteration, worst, True)
         x = gx if anderson is None else anderson.step(x, gx, residual.double())
     return gx, _stats_row(max_iter, worst, False)
 

@@ -344,3 +344,34 @@ def test_bad_multi_head_construction():
         ImplicitMultiHeadAttention(8, 0, 4)
     with pytest.raises(ValueError, match="block_size"):
         ImplicitMultiHeadAttention(8, 2, 0)
+
+
+def test_attention_solves_read_their_residual_every_k_iterations_on_a_gpu(monkeypatch):
+    """On CUDA a read of the residual drains the queue: the attention solves
+    read it every IDL_CUDA_CHECK_EVERY iterations (as the compiled solves),
+    every iteration on the CPU. Same fixed point either way."""
+    from idl._attention_kernels import check_every, solve_sequences
+    assert check_every(torch.device("cpu")) == 1
+    monkeypatch.delenv("IDL_CUDA_CHECK_EVERY", raising=False)
+    assert check_every(torch.device("cuda")) == 8
+    monkeypatch.setenv("IDL_CUDA_CHECK_EVERY", "3")
+    assert check_every(torch.device("cuda")) == 3
+    monkeypatch.setenv("IDL_CUDA_CHECK_EVERY", "-1")
+    with pytest.raises(ValueError, match="IDL_CUDA_CHECK_EVERY"):
+        check_every(torch.device("cuda"))
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    W = 0.5 * W / W.abs().sum(1, keepdim=True)
+    b = torch.randn(3, 6, generator=g, dtype=torch.float64)
+
+    def step(x):
+        return torch.tanh(x @ W.t() + b)
+
+    start = torch.zeros(3, 6, dtype=torch.float64)
+    x1, every_one = solve_sequences(step, start, 200, 1e-10, every=1)
+    x4, every_four = solve_sequences(step, start, 200, 1e-10, every=4)
+    _, never = solve_sequences(step, start, 50, 1e-10, every=0)
+    assert every_one[2] == 1.0 and every_four[2] == 1.0
+    assert every_four[0] % 4 == 0 and every_one[0] <= every_four[0] < every_one[0] + 4
+    torch.testing.assert_close(x4, x1, atol=1e-9, rtol=0)
+    assert never[0] == 50 and never[2] == 1.0
