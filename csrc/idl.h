@@ -41,6 +41,10 @@ typedef struct {
 void idl_dphi_f32(idl_act act, int64_t count, const float *z, float *out);
 void idl_dphi_f64(idl_act act, int64_t count, const double *z, double *out);
 
+/* 1 if none of the n contiguous values is NaN or Inf, else 0. */
+int idl_all_finite_f32(int64_t n, const float *a);
+int idl_all_finite_f64(int64_t n, const double *a);
+
 /* ---- projection onto {A : ||A||_inf <= kappa} --------------------------- */
 
 typedef enum {
