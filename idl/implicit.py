@@ -16,7 +16,7 @@ from ._checks import (
     refuse_function_transforms,
 )
 from ._ops import ops
-from ._stats import SolveNotConverged, SolveStats, new_stats, watch
+from ._stats import SolveNotConverged, SolveStats, watch
 
 
 class ImplicitFunction:
