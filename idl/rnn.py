@@ -112,8 +112,11 @@ class ImplicitRNNCell(nn.Module):
         batch_first: x is (batch, seq_len, input_dim) (default, as torchidl)
             or, if False, (seq_len, batch, input_dim).
         device, dtype: of the parameters.
+        bias: the inner model's two biases, b_hidden in the solve and b_out
+            in h_t (default True, as nn.RNN/nn.LSTM; torchidl's cell had
+            none: pass bias=False to load its state dicts).
         **implicit_kwargs: passed to :class:`idl.ImplicitModel` (activation,
-            kappa, mitr, tol, grad_mitr, grad_tol, bias, no_D, is_low_rank,
+            kappa, mitr, tol, grad_mitr, grad_tol, no_D, is_low_rank,
             rank, f, projection, on_nonconvergence, solver, anderson_memory).
 
     Shapes:
@@ -134,7 +137,7 @@ class ImplicitRNNCell(nn.Module):
     """
 
     def __init__(self, input_dim: int, hidden_dim: int, implicit_hidden_dim: int, batch_first: bool = True,
-                 device=None, dtype=None, **implicit_kwargs: Any) -> None:
+                 device=None, dtype=None, bias: bool = True, **implicit_kwargs: Any) -> None:
         super().__init__()
         who = type(self).__name__
         _check_kwargs(who, implicit_kwargs)
@@ -146,6 +149,7 @@ class ImplicitRNNCell(nn.Module):
             input_dim=input_dim + hidden_dim,
             output_dim=hidden_dim,
             hidden_dim=implicit_hidden_dim,
+            bias=bias,
             **implicit_kwargs,
         )
         self.step_stats: List[SolveStats] = []
@@ -287,6 +291,8 @@ class ImplicitRNN(nn.Module):
         batch_first: x is (batch, seq_len, input_dim) (default, as torchidl;
             nn.LSTM's default is False) or (seq_len, batch, input_dim).
         device, dtype: of the parameters.
+        bias: every cell's biases (default True, as nn.LSTM; see
+            :class:`ImplicitRNNCell`; bias=False is torchidl's cell).
         **implicit_kwargs: passed to every cell's :class:`idl.ImplicitModel`
             (kappa, activation, solver, anderson_memory, tol, ...).
 
@@ -316,6 +322,7 @@ class ImplicitRNN(nn.Module):
         batch_first: bool = True,
         device=None,
         dtype=None,
+        bias: bool = True,
         **implicit_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -334,7 +341,7 @@ class ImplicitRNN(nn.Module):
         directions = 2 if bidirectional else 1
         cells = [
             ImplicitRNNCell(input_dim if layer == 0 else hidden_dim * directions, hidden_dim, implicit_hidden_dim,
-                            **implicit_kwargs)
+                            bias=bias, **implicit_kwargs)
             for layer in range(num_layers) for _ in range(directions)
         ]
         # the first cell keeps its torchidl name (state_dict keys recurrent.*)

@@ -10,25 +10,29 @@ from reference import project_rows_l1
 TIGHT = dict(tol=1e-12, grad_tol=1e-12, mitr=2000, grad_mitr=2000)
 
 
-def reference_rnn(x, h0, A, B, C, D, d_scale, kappa=0.99, iterations=3000):
-    """Independent implementation: per step, Picard on X = relu(X Aᵀ + U Bᵀ)
-    from zero (a fixed number of plain iterations, with A projected by a
-    sort-based l1-ball projection), then h = X Cᵀ + d_scale U Dᵀ."""
+def reference_rnn(x, h0, A, B, C, D, b_hidden, b_out, d_scale, kappa=0.99, iterations=3000):
+    """Independent implementation: per step, Picard on
+    X = relu(X Aᵀ + U Bᵀ + b_hidden) from zero (a fixed number of plain
+    iterations, with A projected by a sort-based l1-ball projection), then
+    h = X Cᵀ + d_scale U Dᵀ + b_out."""
     A = project_rows_l1(A, kappa)
     h, outputs = h0, []
     for t in range(x.shape[1]):
         U = torch.cat((x[:, t], h), dim=1)
         X = torch.zeros(U.shape[0], A.shape[0], dtype=x.dtype)
         for _ in range(iterations):
-            X = torch.relu(X @ A.t() + U @ B.t())
-        h = X @ C.t() + d_scale * (U @ D.t())
+            X = torch.relu(X @ A.t() + U @ B.t() + b_hidden)
+        h = X @ C.t() + d_scale * (U @ D.t()) + b_out
         outputs.append(h)
     return torch.stack(outputs, dim=1), h
 
 
 def params(cell):
+    """The cell's parameters in reference_rnn's order (the default cell has
+    biases, as nn.RNN's)."""
     layer = cell.layer
-    return layer.A, layer.B, layer.C, layer.D
+    assert layer.bias
+    return layer.A, layer.B, layer.C, layer.D, layer.bias_hidden, layer.bias_out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -105,6 +105,18 @@ def test_cell_order_matches_the_rnn_and_errors_name_the_class():
         ImplicitRNNCell(1, 3, 4, num_heads=2)
 
 
+def test_rnn_cells_have_biases_by_default_and_bias_false_is_torchidls_layout():
+    biased = ImplicitRNN(1, 1, 3, 4, num_layers=2)
+    assert all(cell.layer.bias for cell in biased.cells)
+    assert {"recurrent.layer.bias_hidden", "recurrent.layer.bias_out"} <= set(biased.state_dict())
+    plain = ImplicitRNN(input_dim=1, output_dim=1, hidden_dim=3, implicit_hidden_dim=4, bias=False)
+    keys = set(plain.state_dict())
+    assert keys == {"recurrent.layer." + k for k in ("A", "B", "C", "D", "d_scale")} | {"linear.weight", "linear.bias"}
+    assert not ImplicitRNNCell(1, 3, 4, bias=False).layer.bias
+    with pytest.raises(RuntimeError, match="bias_hidden"):  # a bias-free checkpoint needs bias=False
+        ImplicitRNN(1, 1, 3, 4).load_state_dict(plain.state_dict())
+
+
 def test_factory_arguments_and_solver_options():
     model = ImplicitRNN(1, 1, 3, 4, dtype=torch.float64, solver="anderson", anderson_memory=3)
     assert all(p.dtype == torch.float64 for p in model.parameters())
