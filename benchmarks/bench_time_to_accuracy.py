@@ -52,6 +52,15 @@ def idl_model(solver="picard", backward="implicit", **kw):
     return make
 
 
+def mlp_model():
+    """The explicit network of the same shape (784-100-10 ReLU MLP, nn.Linear
+    layers): not a contender but the floor, one layer's products, autograd and
+    Adam with no solve at all."""
+    def make():
+        return torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, OUT))
+    return make
+
+
 def torchidl_model():
     import torchidl
 
@@ -112,6 +121,8 @@ def contenders():
         "idl jfb picard": idl_model("picard", "jfb"),
         "idl phantom(5,0.5) picard rtol1e-3": idl_model("picard", "phantom", rtol=1e-3),
         "idl jfb picard rtol1e-3": idl_model("picard", "jfb", rtol=1e-3),
+        "idl jfb picard rtol1e-2": idl_model("picard", "jfb", rtol=1e-2),
+        "explicit MLP (floor)": mlp_model(),
     }
     try:
         import torchidl  # noqa: F401
@@ -130,7 +141,7 @@ def contenders():
 
 
 QUICK = ["idl implicit picard", "idl phantom(5,0.5) picard rtol1e-3", "idl jfb picard rtol1e-3",
-         "torchidl", "torchdeq picard phantom(5,0.5)"]
+         "idl jfb picard rtol1e-2", "explicit MLP (floor)", "torchidl", "torchdeq picard phantom(5,0.5)"]
 
 
 # ---- training --------------------------------------------------------------------
@@ -152,7 +163,7 @@ class Run:
         self.data, self.args = data, args
         torch.manual_seed(seed)  # the same initial weights for the same recipe
         self.model = make()
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr, fused=args.fused_adam or None)
         self.order = torch.randperm(len(data[0]), generator=torch.Generator().manual_seed(seed))
         self.clock, self.step, self.reached, self.done = 0.0, 0, None, False
         self.curve = [(0.0, 0, accuracy(self.model, data[2], data[3]))]
@@ -193,6 +204,8 @@ def main():
     parser.add_argument("--final-steps", type=int, default=0,
                         help="after the target, train on to this many steps (within the budget)")
     parser.add_argument("--eval-every", type=int, default=100, help="steps between evaluations")
+    parser.add_argument("--fused-adam", action="store_true",
+                        help="Adam(fused=True) for every contender (one kernel instead of a dozen per step)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -212,7 +225,8 @@ def main():
     found = contenders()
     names = [n for n in (names or found) if n in found]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
-          f"lr {args.lr}, target {args.target}, budget {args.budget:.0f} s, seeds {args.seeds}\n")
+          f"lr {args.lr}{', fused Adam' if args.fused_adam else ''}, target {args.target}, "
+          f"budget {args.budget:.0f} s, seeds {args.seeds}\n")
     print("| contender | seed | s to target | steps to target | ms / step | best acc | final acc |")
     print("|---|---|---|---|---|---|---|")
     runs = {}

@@ -160,7 +160,7 @@ class ImplicitModel(nn.Module):
         solver: ``"picard"`` (X <- φ(X Aᵀ + U Bᵀ)), ``"anderson"`` (Anderson
             acceleration, same fixed point in fewer iterations when ||A||_inf is
             close to 1) or ``"auto"`` (Picard; a sample whose residual shrinks by
-            less than a factor 0.8 per iteration for 3 iterations in a row
+            less than a factor 0.7 per iteration for 3 iterations in a row
             switches to Anderson for the rest of the solve: Picard's cost where
             Picard is fast, close to Anderson's where it is slow; CPU only for
             now); used by the forward and the backward solve.

@@ -149,6 +149,27 @@ def test_auto_per_sample_in_one_batch():
     torch.testing.assert_close(a[0][1], p[0][1], atol=1e-8, rtol=0)
 
 
+@pytest.mark.parametrize("max_iter", [1, 2, 3, 4, 7])
+def test_auto_before_its_first_possible_switch_is_picard_to_the_bit(max_iter):
+    """Until a sample can have had AUTO_SWITCH_PATIENCE slow steps, auto takes
+    its Picard steps in place: the unconverged answer g(x) after max_iter
+    passes, the forward's Z and the adjoint's V are Picard's, to the bit,
+    wherever the stop falls against the in-place schedule; past it the slow
+    samples mix."""
+    A, C0 = cycle_problem()
+    p = ops.fixed_point_rel(A, C0, None, "identity", 0.0, max_iter, 0.0, 0.0, "picard", 5)
+    a = ops.fixed_point_rel(A, C0, None, "identity", 0.0, max_iter, 0.0, 0.0, "auto", 5)
+    G = torch.randn_like(C0)
+    pv = ops.fixed_point_adjoint_rel(A, p[1], G, "identity", 0.0, max_iter, 0.0, 0.0, "picard", 5)
+    av = ops.fixed_point_adjoint_rel(A, a[1], G, "identity", 0.0, max_iter, 0.0, 0.0, "auto", 5)
+    # the first pass only sets the baseline residual: the earliest switch is
+    # at pass patience + 1, and it changes the iterates after that pass
+    if max_iter <= F.AUTO_SWITCH_PATIENCE + 1:
+        assert torch.equal(p[0], a[0]) and torch.equal(p[1], a[1]) and torch.equal(pv[0], av[0])
+    else:
+        assert not torch.equal(p[0], a[0])
+
+
 def test_auto_python_twin_matches_compiled():
     A, C0 = cycle_problem()
 

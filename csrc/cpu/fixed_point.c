@@ -22,7 +22,7 @@ int64_t idl_solve_workspace_bytes(int64_t m, int64_t n, int64_t elem_size,
 {
     const int64_t M = anderson_memory(solver);
     const int64_t doubles = m * M * M + 3 * m;  /* Gram, residuals, thresholds */
-    const int64_t ints = 5 * m;          /* idx, count, next, restarts, slow */
+    const int64_t ints = 6 * m; /* idx, g_in_x, count, next, restarts, slow */
     const int64_t reals = 3 * m * n                  /* xw, p, aux          */
                           + (M > 0 ? m * n : 0)      /* gxw                 */
                           + 2 * m * M * n;           /* f, g histories      */
