@@ -152,8 +152,8 @@ inline SolveArgs check_fixed_point_args(const at::Tensor& A, const at::Tensor& C
     return args;
 }
 
-// The solves with a relative tolerance (idl::fixed_point_rel and
-// idl::fixed_point_adjoint_rel, CPU only for now).
+// The solves with a relative tolerance or method "auto" (idl::fixed_point_rel
+// and idl::fixed_point_adjoint_rel; "auto" is CPU only for now).
 inline SolveArgs check_fixed_point_rel_args(const at::Tensor& A, const at::Tensor& C0,
                                             const c10::optional<at::Tensor>& X0,
                                             c10::string_view activation, double slope,

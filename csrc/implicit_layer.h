@@ -93,7 +93,7 @@ struct Settings {
 
 // The settings idl::fixed_point and idl::fixed_point_adjoint (every device)
 // cannot express: a relative tolerance, or method "auto". Those solves go to
-// the *_rel ops (CPU only for now).
+// the *_rel ops (on CUDA: rtol, and "auto" refused by the op).
 inline bool forward_needs_rel(const Settings& s) { return s.rtol != 0.0 || s.method == "auto"; }
 inline bool backward_needs_rel(const Settings& s) { return s.grad_rtol != 0.0 || s.method == "auto"; }
 
@@ -133,7 +133,7 @@ inline at::Tensor well_posed_backward(const at::Tensor& grad, const at::Tensor& 
 }
 
 // The ops a layer's settings need beyond idl::fixed_point and
-// idl::fixed_point_adjoint must have a kernel on its device (CPU only for
+// idl::fixed_point_adjoint must have a kernel on its device (rtol: CPU and CUDA;
 // now): refused at the forward call, with a clear message, rather than in
 // the backward pass with the dispatcher's.
 inline void check_device_supports(const Settings& s, const at::Tensor& like) {

@@ -149,7 +149,7 @@ class ImplicitModel(nn.Module):
             a sample stops once ||X_{k+1} - X_k||_inf <= tol + rtol ||X_{k+1}||_inf
             (grad_tol + grad_rtol ||V_{k+1}||_inf for the backward). Default 0:
             the absolute test alone. ``last_stats`` says which test ended a
-            solve (``criterion``). (CPU only for now when nonzero.)
+            solve (``criterion``). CPU and CUDA.
         kappa: radius of the inf-norm ball, in (0, 1].
         is_low_rank, rank: A = L Rᵀ with L, R of shape (hidden_dim, rank).
         activation: built-in φ by name: one of ``idl.ACTIVATIONS``.

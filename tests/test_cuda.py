@@ -405,6 +405,53 @@ def test_solve_on_the_second_device():
 
 @pytest.mark.cuda
 @gpu
+@pytest.mark.parametrize("method", ["picard", "anderson"])
+@pytest.mark.parametrize("check_every", ["1", "8"])
+def test_relative_tolerance_matches_cpu(method, check_every, monkeypatch):
+    """fixed_point_rel and fixed_point_adjoint_rel: a sample stops at
+    ||ΔX||∞ <= tol + rtol ||g(x)||∞, as on the CPU: the same answers, the same
+    iterations (Picard), and the stats' code 2 where a sample stopped on the
+    relative part."""
+    monkeypatch.setenv("IDL_CUDA_CHECK_EVERY", check_every)
+    A, C0 = problem(m=40, n=33, kappa=0.97)
+    args = ("tanh", 0.0, 2000, 1e-12, 1e-4, method, 4)
+    cpu = ops.fixed_point_rel(A, C0, None, *args)
+    gpu = ops.fixed_point_rel(*on_gpu(A, C0), None, *args)
+    assert cpu[2][2].item() == 2.0
+    # Picard stops at the same pass as the CPU; Anderson within 2 passes, and
+    # its answer then within the (loose) relative stopping threshold
+    close = dict(rtol=1e-9, atol=1e-9) if method == "picard" else dict(rtol=1e-2, atol=1e-6)
+    assert_close_to_cpu(gpu[0], cpu[0], **close)
+    G = torch.randn_like(cpu[1])
+    cpu_v = ops.fixed_point_adjoint_rel(A, cpu[1], G, *args)
+    gpu_v = ops.fixed_point_adjoint_rel(*on_gpu(A, cpu[1], G), *args)
+    assert_close_to_cpu(gpu_v[0], cpu_v[0], **close)
+    for got, want in ((gpu[2], cpu[2]), (gpu_v[1], cpu_v[1])):
+        got = got.cpu()
+        assert got[2].item() == want[2].item()
+        if method == "picard":
+            assert got[0].item() == want[0].item()
+        else:  # rounding moves mixing weights a little (test_anderson_matches_cpu)
+            assert abs(got[0].item() - want[0].item()) <= 2
+
+
+@pytest.mark.cuda
+@gpu
+def test_auto_and_inexact_backward_are_refused_on_cuda_not_run_as_something_else():
+    A, C0 = on_gpu(*problem(m=3, n=4))
+    for op in (ops.fixed_point, ops.fixed_point_rel):
+        extra = (10, 1e-6) if op is ops.fixed_point else (1e-3,)
+        with pytest.raises(NotImplementedError, match="solver='auto' is not implemented on CUDA"):
+            op(A, C0, None, "tanh", 0.0, 10, 1e-6, *extra, "auto", 5)
+    model = idl.ImplicitModel(4, 2, 4, rtol=1e-3, grad_rtol=1e-3).to(DEVICE)
+    model(torch.randn(3, 4, device=DEVICE)).sum().backward()  # rtol runs on CUDA
+    assert model.last_stats.forward["converged"] and model.A.grad is not None
+    with pytest.raises(NotImplementedError, match="backward='phantom' is not implemented on cuda"):
+        idl.ImplicitModel(4, 2, 4, backward="phantom").to(DEVICE)(torch.randn(3, 4, device=DEVICE))
+
+
+@pytest.mark.cuda
+@gpu
 def test_cuda_only_errors(monkeypatch):
     """Devices mixed, dtypes mixed, a bad kappa, a bad IDL_CUDA_CHECK_EVERY
     (the CPU's errors are the device-parametrised tests of

@@ -69,6 +69,7 @@ struct Progress {
     long long nonfinite_iter;     // first iteration with a NaN/Inf residual, 0: none
     int nonfinite;                // 1: an Inf residual was seen, 2: a NaN one
     int bad_inputs;               // A or C0 holds NaN or Inf: no pass does anything
+    unsigned long long relative_stops;  // samples that met only tol + rtol ||g(x)||_inf
 };
 static_assert(sizeof(Progress) <= IDL_CUDA_SNAPSHOT_BYTES, "IDL_CUDA_SNAPSHOT_BYTES too small");
 
@@ -289,7 +290,8 @@ __device__ void anderson_step(const Anderson<T> &a, int64_t s, int64_t n, T *x, 
 }
 
 // One pass over the working rows, one warp per row: g(x) from update(p),
-// residual max |g(x) - x| (NaN sticky); a row with residual <= tol is done,
+// residual max |g(x) - x| (NaN sticky); a row with residual <= tol + rtol
+// max |g(x)| (fixed_point.inc's update_rows; rtol 0: tol alone) is done,
 // its answer g(x) in its sample's row of `out`, and frozen. Otherwise the
 // row moves on: to g(x) (Picard: x is overwritten in place, and copied out
 // when done), or to Anderson's mix (g(x) then goes to `out` every pass). A
@@ -297,7 +299,7 @@ __device__ void anderson_step(const Anderson<T> &a, int64_t s, int64_t n, T *x, 
 // every row stands still.
 template <typename T, typename Update>
 __global__ void step_kernel(int64_t active, int64_t n, long long iteration, double tol,
-                            Update update, Workset<T> w, T *out) {
+                            double rtol, Update update, Workset<T> w, T *out) {
     __shared__ MixScratch scratch[kRowsPerBlock];
     const long long stopped_at = w.progress->nonfinite_iter;
     if (w.progress->bad_inputs || (stopped_at != 0 && stopped_at < iteration))
@@ -311,15 +313,19 @@ __global__ void step_kernel(int64_t active, int64_t n, long long iteration, doub
         T *x = w.xw + r * n;
         T *gx = mixing ? out + sample * n : x;
         const T *p = w.p + r * n;
-        T worst = T(0);
+        T worst = T(0), size = T(0);
         for (int64_t j = lane; j < n; j += kWarp) {
             const T gxj = update(sample * n + j, p[j]);
             worst = nan_max(worst, static_cast<T>(fabs(gxj - x[j])));
+            if (rtol > 0.0)  // the same branch for the whole kernel
+                size = nan_max(size, static_cast<T>(fabs(gxj)));
             gx[j] = gxj;
         }
         worst = warp_nan_max(worst);  // the same in every lane
         const double residual = static_cast<double>(worst);
-        if (residual <= tol) {
+        const double threshold =
+            rtol > 0.0 ? tol + rtol * static_cast<double>(warp_nan_max(size)) : tol;
+        if (residual <= threshold) {
             if (!mixing) {
                 T *dst = out + sample * n;
                 for (int64_t j = lane; j < n; j += kWarp)
@@ -330,6 +336,8 @@ __global__ void step_kernel(int64_t active, int64_t n, long long iteration, doub
                 atomicAdd(&w.progress->retired, 1ull);
                 atomic_max_nonneg(&w.progress->finished_worst, residual);
                 atomicMax(&w.progress->last_retire_iter, iteration);
+                if (residual > tol)
+                    atomicAdd(&w.progress->relative_stops, 1ull);
             }
             continue;
         }
@@ -420,7 +428,9 @@ __global__ void retire_rest_kernel(int64_t active, int64_t n, Workset<T> w, T *o
 }
 
 // One block: stats = [iterations, residual, converged] as the C solver reports
-// them. `passes` is the number of passes the host ran.
+// them (converged: 1 every sample met tol, 2 some only tol + rtol |g(x)|, 0
+// not converged; csrc/ops.cpp's stats_tensor). `passes` is the number of
+// passes the host ran.
 __global__ void stats_kernel(int64_t m, int64_t active, long long passes, const int *frozen,
                              const double *residual, const Progress *progress, double *stats) {
     __shared__ double worsts[kScanThreads];
@@ -447,7 +457,7 @@ __global__ void stats_kernel(int64_t m, int64_t active, long long passes, const 
     const bool converged = s.retired == static_cast<unsigned long long>(m);
     stats[0] = static_cast<double>(converged ? s.last_retire_iter : passes);
     stats[1] = fmax(s.finished_worst, worsts[0]);
-    stats[2] = converged ? 1.0 : 0.0;
+    stats[2] = !converged ? 0.0 : s.relative_stops > 0 ? 2.0 : 1.0;
 }
 
 // A forward solve whose A or C0 holds NaN or Inf (*inputs_ok == 0, found by
@@ -584,7 +594,7 @@ cudaError_t iterate(int64_t m, int64_t n, idl_matmul mm, Update update, idl_solv
             break;
         ++passes;
         step_kernel<T, Update><<<blocks_for(active, kRowsPerBlock), kStepThreads, 0, stream>>>(
-            active, n, passes, solver.tol, update, w, out);
+            active, n, passes, solver.tol, solver.rtol, update, w, out);
         if ((status = cudaGetLastError()) != cudaSuccess)
             break;
         if (snap.pending) {  // the counters of the previous check: read them now

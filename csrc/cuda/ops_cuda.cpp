@@ -197,13 +197,19 @@ at::Tensor project_linf_backward_cuda(const at::Tensor& grad, const at::Tensor& 
     return out;
 }
 
-// Forward solve. grad_max_iter and grad_tol are only checked (see checks.h).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_point_cuda(
-    const at::Tensor& A, const at::Tensor& C0, const c10::optional<at::Tensor>& X0,
-    c10::string_view activation, double slope, int64_t max_iter, double tol,
-    int64_t grad_max_iter, double grad_tol, c10::string_view method, int64_t memory) {
-    const auto args = check_fixed_point_args(A, C0, X0, activation, slope, max_iter, tol,
-                                             grad_max_iter, grad_tol, method, memory);
+// method "auto" has no CUDA kernel yet (csrc/cuda/fixed_point.cu mixes only
+// for "anderson"): refused rather than run as Picard.
+void refuse_auto(const SolveArgs& args) {
+    TORCH_CHECK_NOT_IMPLEMENTED(args.solver.method != IDL_AUTO,
+                                "idl: solver='auto' is not implemented on CUDA yet "
+                                "(use 'picard' or 'anderson')");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_cuda(const at::Tensor& A,
+                                                         const at::Tensor& C0,
+                                                         const c10::optional<at::Tensor>& X0,
+                                                         const SolveArgs& args) {
+    refuse_auto(args);
     const c10::cuda::CUDAGuard guard(C0.device());
     auto c0 = C0.contiguous();
     // NaN/Inf in A or C0: looked for on the device, no host sync (idl_cuda.h)
@@ -233,14 +239,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_point_cuda(
     return {x, z, stats};
 }
 
-std::tuple<at::Tensor, at::Tensor> fixed_point_adjoint_cuda(const at::Tensor& A,
-                                                            const at::Tensor& Z,
-                                                            const at::Tensor& G,
-                                                            c10::string_view activation,
-                                                            double slope, int64_t max_iter,
-                                                            double tol, c10::string_view method,
-                                                            int64_t memory) {
-    const auto args = check_adjoint_args(A, Z, G, activation, slope, max_iter, tol, method, memory);
+// Forward solve. grad_max_iter and grad_tol are only checked (see checks.h).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_point_cuda(
+    const at::Tensor& A, const at::Tensor& C0, const c10::optional<at::Tensor>& X0,
+    c10::string_view activation, double slope, int64_t max_iter, double tol,
+    int64_t grad_max_iter, double grad_tol, c10::string_view method, int64_t memory) {
+    return solve_cuda(A, C0, X0,
+                      check_fixed_point_args(A, C0, X0, activation, slope, max_iter, tol,
+                                             grad_max_iter, grad_tol, method, memory));
+}
+
+// Forward solve with a relative tolerance.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_point_rel_cuda(
+    const at::Tensor& A, const at::Tensor& C0, const c10::optional<at::Tensor>& X0,
+    c10::string_view activation, double slope, int64_t max_iter, double tol, double rtol,
+    c10::string_view method, int64_t memory) {
+    return solve_cuda(A, C0, X0,
+                      check_fixed_point_rel_args(A, C0, X0, activation, slope, max_iter, tol,
+                                                 rtol, method, memory));
+}
+
+std::tuple<at::Tensor, at::Tensor> adjoint_cuda(const at::Tensor& A, const at::Tensor& Z,
+                                                const at::Tensor& G, const SolveArgs& args) {
+    refuse_auto(args);
     const c10::cuda::CUDAGuard guard(Z.device());
     auto z = Z.contiguous();
     auto g = G.contiguous();
@@ -263,6 +284,27 @@ std::tuple<at::Tensor, at::Tensor> fixed_point_adjoint_cuda(const at::Tensor& A,
         C10_CUDA_CHECK(status);
     });
     return {v, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> fixed_point_adjoint_cuda(const at::Tensor& A,
+                                                            const at::Tensor& Z,
+                                                            const at::Tensor& G,
+                                                            c10::string_view activation,
+                                                            double slope, int64_t max_iter,
+                                                            double tol, c10::string_view method,
+                                                            int64_t memory) {
+    return adjoint_cuda(A, Z, G,
+                        check_adjoint_args(A, Z, G, activation, slope, max_iter, tol, method,
+                                           memory));
+}
+
+std::tuple<at::Tensor, at::Tensor> fixed_point_adjoint_rel_cuda(
+    const at::Tensor& A, const at::Tensor& Z, const at::Tensor& G, c10::string_view activation,
+    double slope, int64_t max_iter, double tol, double rtol, c10::string_view method,
+    int64_t memory) {
+    return adjoint_cuda(A, Z, G,
+                        check_adjoint_args(A, Z, G, activation, slope, max_iter, tol, method,
+                                           memory, rtol));
 }
 
 // SIM's prox. The thresholds are checked in one look at the whole tensor (one
@@ -324,6 +366,8 @@ TORCH_LIBRARY_IMPL(idl, CUDA, m) {
     m.impl("project_linf_backward", &project_linf_backward_cuda);
     m.impl("fixed_point", &fixed_point_cuda);
     m.impl("fixed_point_adjoint", &fixed_point_adjoint_cuda);
+    m.impl("fixed_point_rel", &fixed_point_rel_cuda);
+    m.impl("fixed_point_adjoint_rel", &fixed_point_adjoint_rel_cuda);
     m.impl("prox_l1_ball", &prox_l1_ball_cuda);
 }
 
