@@ -359,8 +359,9 @@ def failing_cpu_gemm():
 @pytest.mark.parametrize("method", ["picard", "anderson"])
 def test_gemm_error_inside_a_solve_is_raised_once_and_stops_it(failing_cpu_gemm, method):
     """The exception crosses no C frame: it is kept, the solve stops at once,
-    and the op raises it."""
-    A, C0 = problem()
+    and the op raises it. (40 x 20 x 20: large enough for ATen's GEMM; the
+    smallest products never call it, see the next test.)"""
+    A, C0 = problem(m=40, n=20)
     with pytest.raises(RuntimeError, match="GEMM failed on purpose"):
         solve(A, C0, "tanh", X0=torch.zeros_like(C0), method=method)
     assert len(failing_cpu_gemm) == 3
@@ -368,6 +369,34 @@ def test_gemm_error_inside_a_solve_is_raised_once_and_stops_it(failing_cpu_gemm,
     with pytest.raises(RuntimeError, match="GEMM failed on purpose"):
         torch.ops.idl.fixed_point_adjoint(A, C0, C0, "tanh", 0.0, 100, 1e-12, method, 5)
     assert len(failing_cpu_gemm) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_small_products_are_computed_in_c_and_match_atens_for_any_strides(failing_cpu_gemm, dtype):
+    """Products of at most 2^13 multiply-adds (aten_matmul.h) are
+    idl_small_matmul's: no ATen GEMM is called, and the forward (Aᵀ, column
+    strides), the adjoint (A, row strides) and a strided A (neither) agree
+    with torch.mm's iterations."""
+    A, C0 = problem(m=8, n=9, dtype=dtype)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    big = torch.zeros(18, 27, dtype=dtype)
+    big[::2, ::3] = A
+    strided = big[::2, ::3]
+    assert strided.stride() == (54, 3)
+    for a in (A, strided, A.t().contiguous().t()):
+        X, Z, stats = torch.ops.idl.fixed_point(a, C0, None, "tanh", 0.0, 500, tol, 500, tol)
+        V, _ = torch.ops.idl.fixed_point_adjoint(a, Z, C0, "tanh", 0.0, 500, tol)
+        assert stats[2] == 1.0
+        Xr = torch.zeros_like(C0)
+        for _ in range(int(stats[0])):
+            Xr = torch.tanh(torch.mm(Xr, A.t()) + C0)
+        Vr = torch.zeros_like(C0)
+        for _ in range(500):
+            Vr = (1 - torch.tanh(Z) ** 2) * (torch.mm(Vr, A) + C0)
+        torch.testing.assert_close(X, Xr)
+        torch.testing.assert_close(V, Vr)
+    # the ops never called ATen's mm.out (the reference calls torch.mm)
+    assert len(failing_cpu_gemm) == 0
 
 
 def test_bare_solve_backward_warns_when_its_adjoint_does_not_converge():
