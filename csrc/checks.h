@@ -174,6 +174,18 @@ inline void check_phantom(int64_t steps, double tau) {
     TORCH_CHECK_VALUE(tau > 0.0 && tau <= 1.0, "idl: phantom_tau must be in (0, 1], got ", tau);
 }
 
+// idl::phantom_adjoint's arguments (every device); returns the activation.
+inline idl_act check_phantom_args(const at::Tensor& A, const at::Tensor& Z, const at::Tensor& G,
+                                  c10::string_view activation, double slope, int64_t steps,
+                                  double tau) {
+    check_square_with(A, Z, "Z");
+    check_same(G, Z, "G", "Z");
+    TORCH_CHECK_VALUE(G.sizes() == Z.sizes(), "idl: G must have shape ", Z.sizes(), ", got ",
+                      G.sizes());
+    check_phantom(steps, tau);
+    return parse_activation(activation, slope);
+}
+
 inline SolveArgs check_adjoint_args(const at::Tensor& A, const at::Tensor& Z, const at::Tensor& G,
                                     c10::string_view activation, double slope, int64_t max_iter,
                                     double tol, c10::string_view method, int64_t memory,

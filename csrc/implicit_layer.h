@@ -133,8 +133,9 @@ inline at::Tensor well_posed_backward(const at::Tensor& grad, const at::Tensor& 
 }
 
 // The ops a layer's settings need beyond idl::fixed_point and
-// idl::fixed_point_adjoint must have a kernel on its device (rtol: CPU and CUDA;
-// now): refused at the forward call, with a clear message, rather than in
+// idl::fixed_point_adjoint must have a kernel on its device (CPU and CUDA
+// have them all; "auto" is refused by the CUDA op itself): a device without
+// one is refused at the forward call, with a clear message, rather than in
 // the backward pass with the dispatcher's.
 inline void check_device_supports(const Settings& s, const at::Tensor& like) {
     if (like.device().is_cpu() || like.device().is_meta()) return;

@@ -206,12 +206,7 @@ std::tuple<at::Tensor, at::Tensor> phantom_adjoint_cpu(const at::Tensor& A, cons
                                                        const at::Tensor& G,
                                                        c10::string_view activation, double slope,
                                                        int64_t steps, double tau) {
-    check_square_with(A, Z, "Z");
-    check_same(G, Z, "G", "Z");
-    TORCH_CHECK_VALUE(G.sizes() == Z.sizes(), "idl: G must have shape ", Z.sizes(), ", got ",
-                      G.sizes());
-    check_phantom(steps, tau);
-    const auto act = parse_activation(activation, slope);
+    const auto act = check_phantom_args(A, Z, G, activation, slope, steps, tau);
     auto z = Z.contiguous();
     auto g = G.contiguous();
     const int64_t m = z.size(0), n = z.size(1);
@@ -245,8 +240,8 @@ TORCH_LIBRARY(idl, m) {
         "int max_iter, float tol, str method=\"picard\", int memory=5) "
         "-> (Tensor V, Tensor stats)");
     // The solves with a relative tolerance or method "auto" (CUDA: rtol, not
-    // "auto" yet), and the phantom / JFB backward (CPU only for now);
-    // idl::implicit_layer calls them only when those settings are asked for.
+    // "auto" yet), and the phantom / JFB backward; idl::implicit_layer calls
+    // them only when those settings are asked for.
     m.def(
         "fixed_point_rel(Tensor A, Tensor C0, Tensor? X0, str activation, float slope, "
         "int max_iter, float tol, float rtol, str method, int memory) "

@@ -175,7 +175,7 @@ class ImplicitModel(nn.Module):
             2022), V = φ'(Z) ⊙ G, no product with A: a descent direction
             under conditions on A, not the gradient. The inexact modes ignore
             grad_mitr/grad_tol/grad_rtol; ``last_stats.backward`` reports their
-            steps (``criterion`` "steps"). (CPU only for now.)
+            steps (``criterion`` "steps"). CPU and CUDA.
         phantom_steps, phantom_tau: k >= 1 and tau in (0, 1] of ``"phantom"``.
 
     After a call, ``last_stats`` tells what the solves did (see SolveStats).

@@ -54,7 +54,7 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 
 
 def test_every_kernel_file_is_checked():
-    assert {p.name for p in CU_FILES} >= {"projection.cu", "fixed_point.cu", "prox.cu"}
+    assert {p.name for p in CU_FILES} >= {"projection.cu", "fixed_point.cu", "phantom.cu", "prox.cu"}
 
 
 @needs_nvcc
@@ -437,7 +437,7 @@ def test_relative_tolerance_matches_cpu(method, check_every, monkeypatch):
 
 @pytest.mark.cuda
 @gpu
-def test_auto_and_inexact_backward_are_refused_on_cuda_not_run_as_something_else():
+def test_auto_is_refused_on_cuda_not_run_as_picard_and_rtol_runs():
     A, C0 = on_gpu(*problem(m=3, n=4))
     for op in (ops.fixed_point, ops.fixed_point_rel):
         extra = (10, 1e-6) if op is ops.fixed_point else (1e-3,)
@@ -446,8 +446,45 @@ def test_auto_and_inexact_backward_are_refused_on_cuda_not_run_as_something_else
     model = idl.ImplicitModel(4, 2, 4, rtol=1e-3, grad_rtol=1e-3).to(DEVICE)
     model(torch.randn(3, 4, device=DEVICE)).sum().backward()  # rtol runs on CUDA
     assert model.last_stats.forward["converged"] and model.A.grad is not None
-    with pytest.raises(NotImplementedError, match="backward='phantom' is not implemented on cuda"):
-        idl.ImplicitModel(4, 2, 4, backward="phantom").to(DEVICE)(torch.randn(3, 4, device=DEVICE))
+
+
+@pytest.mark.cuda
+@gpu
+@pytest.mark.parametrize("steps, tau", [(1, 1.0), (5, 0.5), (40, 0.8)])
+def test_phantom_adjoint_matches_cpu(steps, tau):
+    """The phantom (and, at 1 step of tau 1, JFB) adjoint: the same V and
+    stats as the CPU's kernel; a NaN in G stops it after its first step, as
+    on the CPU."""
+    A, C0 = problem(m=45, n=37)
+    _, Z, _ = ops.fixed_point(A, C0, None, "tanh", 0.0, 1000, 1e-12, 1000, 1e-12)
+    G = torch.randn_like(Z)
+    cpu = ops.phantom_adjoint(A, Z, G, "tanh", 0.0, steps, tau)
+    gpu = ops.phantom_adjoint(*on_gpu(A, Z, G), "tanh", 0.0, steps, tau)
+    assert_close_to_cpu(gpu[0], cpu[0])
+    assert_same_stats(gpu[1], cpu[1])
+    G[3, 4] = float("nan")
+    cpu = ops.phantom_adjoint(A, Z, G, "tanh", 0.0, steps, tau)
+    gpu = ops.phantom_adjoint(*on_gpu(A, Z, G), "tanh", 0.0, steps, tau)
+    assert cpu[1][0].item() == 1.0
+    assert_same_stats(gpu[1], cpu[1])
+    empty = torch.zeros(0, 37, dtype=Z.dtype)
+    assert ops.phantom_adjoint(*on_gpu(A, empty, empty), "tanh", 0.0, steps, tau)[1].tolist() == [0.0, 0.0, 3.0]
+
+
+@pytest.mark.cuda
+@gpu
+@pytest.mark.parametrize("backward", ["phantom", "jfb"])
+def test_inexact_backward_modes_train_on_cuda_as_on_cpu(backward):
+    torch.manual_seed(0)
+    cpu = idl.ImplicitModel(6, 3, 8, backward=backward, bias=True).double()
+    gpu = idl.ImplicitModel(6, 3, 8, backward=backward, bias=True).double().to(DEVICE)
+    gpu.load_state_dict(cpu.state_dict())
+    U = torch.randn(5, 6, dtype=torch.float64)
+    cpu(U).square().sum().backward()
+    gpu(U.to(DEVICE)).square().sum().backward()
+    for (name, p), q in zip(cpu.named_parameters(), gpu.parameters()):
+        torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-9, atol=1e-12, msg=name)
+    assert gpu.last_stats.backward["criterion"] == "steps"
 
 
 @pytest.mark.cuda

@@ -23,6 +23,17 @@ inline unsigned blocks_for(int64_t count, int64_t per_block) {
     return static_cast<unsigned>(wanted < kMaxBlocks ? wanted : kMaxBlocks);
 }
 
+// Bytes rounded up to 256: the alignment of each part of a workspace.
+inline int64_t aligned(int64_t bytes) { return (bytes + 255) / 256 * 256; }
+
+// Return a failed CUDA call's error from the host function that made it.
+#define IDL_TRY(call)                          \
+    do {                                       \
+        const cudaError_t idl_err_ = (call);   \
+        if (idl_err_ != cudaSuccess)           \
+            return idl_err_;                   \
+    } while (0)
+
 // The larger of a and b, NaN if either is NaN: a NaN residual must win every
 // comparison so that a solve notices it (same rule as IDL_ROW_PASS in C).
 template <typename T>

@@ -110,8 +110,6 @@ struct Layout {
     int64_t f, g, gram, last_res, count, next, restarts, total;
 };
 
-int64_t aligned(int64_t bytes) { return (bytes + 255) / 256 * 256; }
-
 int anderson_memory(idl_solver solver) {
     return solver.method == IDL_ANDERSON ? static_cast<int>(solver.memory) : 0;
 }
@@ -494,13 +492,6 @@ __global__ void nothing_to_solve_kernel(const uint8_t *inputs_ok, double *stats)
 }
 
 // ---- the host loop ---------------------------------------------------------------
-
-#define IDL_TRY(call)                          \
-    do {                                       \
-        const cudaError_t idl_err_ = (call);   \
-        if (idl_err_ != cudaSuccess)           \
-            return idl_err_;                   \
-    } while (0)
 
 // Pack the unfinished rows of the first `active` working rows to the front,
 // into `kept` slots (at least as many as there are such rows). The packed

@@ -140,6 +140,21 @@ cudaError_t idl_cuda_adjoint_f64(int64_t m, int64_t n, idl_matmul matmul_a,
                                  double *stats, void *workspace,
                                  idl_cuda_host *host, cudaStream_t stream);
 
+/* Phantom adjoint (idl.h's idl_phantom_adjoint, the same steps and stats):
+ * `steps` damped adjoint steps from V = 0, no host wait; stats on the device,
+ * [steps taken, max |ΔV| of the last, 3]. */
+int64_t idl_cuda_phantom_workspace_bytes(int64_t m, int64_t n, int64_t elem_size);
+cudaError_t idl_cuda_phantom_adjoint_f32(int64_t m, int64_t n, idl_matmul matmul_a,
+                                         const float *z, const float *g, idl_act act,
+                                         int64_t steps, double tau, float *v,
+                                         double *stats, void *workspace,
+                                         cudaStream_t stream);
+cudaError_t idl_cuda_phantom_adjoint_f64(int64_t m, int64_t n, idl_matmul matmul_a,
+                                         const double *z, const double *g, idl_act act,
+                                         int64_t steps, double tau, double *v,
+                                         double *stats, void *workspace,
+                                         cudaStream_t stream);
+
 /* ---- SIM's prox ------------------------------------------------------------ */
 
 /* out (rows x cols, contiguous) = the prox of idl_prox_l1_ball_* for each row

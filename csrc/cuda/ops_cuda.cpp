@@ -62,6 +62,7 @@ struct CudaKernels<float> {
     static constexpr auto fixed_point = idl_cuda_fixed_point_f32;
     static constexpr auto adjoint = idl_cuda_adjoint_f32;
     static constexpr auto prox = idl_cuda_prox_l1_ball_f32;
+    static constexpr auto phantom = idl_cuda_phantom_adjoint_f32;
 };
 
 template <>
@@ -71,6 +72,7 @@ struct CudaKernels<double> {
     static constexpr auto fixed_point = idl_cuda_fixed_point_f64;
     static constexpr auto adjoint = idl_cuda_adjoint_f64;
     static constexpr auto prox = idl_cuda_prox_l1_ball_f64;
+    static constexpr auto phantom = idl_cuda_phantom_adjoint_f64;
 };
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
@@ -307,6 +309,33 @@ std::tuple<at::Tensor, at::Tensor> fixed_point_adjoint_rel_cuda(
                                            memory, rtol));
 }
 
+// Phantom adjoint: `steps` damped adjoint steps (idl.h); steps 1, tau 1 is JFB.
+std::tuple<at::Tensor, at::Tensor> phantom_adjoint_cuda(const at::Tensor& A, const at::Tensor& Z,
+                                                        const at::Tensor& G,
+                                                        c10::string_view activation,
+                                                        double slope, int64_t steps, double tau) {
+    const auto act = check_phantom_args(A, Z, G, activation, slope, steps, tau);
+    const c10::cuda::CUDAGuard guard(Z.device());
+    auto z = Z.contiguous();
+    auto g = G.contiguous();
+    const int64_t m = z.size(0), n = z.size(1);
+    auto v = at::empty_like(z);
+    auto stats = at::empty({3}, z.options().dtype(at::kDouble));
+    auto work = bytes_like(idl_cuda_phantom_workspace_bytes(m, n, z.element_size()), z);
+    RightFactor a_factor{A.contiguous()};
+    idl_matmul mm{matmul_by_factor, &a_factor};
+    const Fp32Gemms precision(z.scalar_type());
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "idl::phantom_adjoint", [&] {
+        const cudaError_t status = CudaKernels<scalar_t>::phantom(
+            m, n, mm, z.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(), act, steps,
+            tau, v.data_ptr<scalar_t>(), stats.data_ptr<double>(), work.data_ptr(),
+            current_stream());
+        a_factor.rethrow_error();  // IDL_CUDA_MATMUL_FAILED: the GEMM's own exception
+        C10_CUDA_CHECK(status);
+    });
+    return {v, stats};
+}
+
 // SIM's prox. The thresholds are checked in one look at the whole tensor (one
 // host sync); the row named in the error is found only when one is bad.
 at::Tensor prox_l1_ball_cuda(const at::Tensor& W, const at::Tensor& threshold, double radius,
@@ -368,6 +397,7 @@ TORCH_LIBRARY_IMPL(idl, CUDA, m) {
     m.impl("fixed_point_adjoint", &fixed_point_adjoint_cuda);
     m.impl("fixed_point_rel", &fixed_point_rel_cuda);
     m.impl("fixed_point_adjoint_rel", &fixed_point_adjoint_rel_cuda);
+    m.impl("phantom_adjoint", &phantom_adjoint_cuda);
     m.impl("prox_l1_ball", &prox_l1_ball_cuda);
 }
 
