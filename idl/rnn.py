@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from ._ops import ops
-from ._stats import SolveStats, merge_stats
+from ._stats import SolveNotConverged, SolveStats, merge_stats
 from ._checks import autocasting, check_like, check_positive_int, refuse_function_transforms
 from .implicit import ImplicitModel
 
@@ -128,7 +128,9 @@ class ImplicitRNNCell(nn.Module):
         match the parameters', autocast aside).
 
     After a call, ``step_stats`` holds every step's SolveStats and
-    ``last_stats`` summarises them (the most iterations, the largest residual).
+    ``last_stats`` summarises them (the most iterations, the largest residual);
+    after a call that raised SolveNotConverged (``on_nonconvergence="raise"``),
+    ``step_stats`` is one record, the failed run's steps merged.
 
     With a built-in activation the whole recurrence is one op,
     idl::implicit_rnn (the loop over time and backpropagation through time in
@@ -241,10 +243,17 @@ class ImplicitRNNCell(nn.Module):
         refuse_function_transforms(type(layer).__name__)
         A, well_posed = layer.op_A()
         biases = (layer.bias_hidden, layer.bias_out) if layer.bias else (None, None)
-        outputs, stats, steps = ops.implicit_rnn(
-            x, h0, A, layer.B, layer.C, None if layer.no_D else layer.D, *biases, lengths, well_posed, layer.kappa,
-            layer.activation, layer.negative_slope, *layer.options.layer_args(), d_scale=layer.d_scale,
-        )
+        try:
+            outputs, stats, steps = ops.implicit_rnn(
+                x, h0, A, layer.B, layer.C, None if layer.no_D else layer.D, *biases, lengths, well_posed,
+                layer.kappa, layer.activation, layer.negative_slope, *layer.options.layer_args(),
+                d_scale=layer.d_scale,
+            )
+        except SolveNotConverged as error:
+            # raised: the stats say what this run did (its steps merged into
+            # one record: the op raises before handing the per-step rows back)
+            self.step_stats = [] if error.stats is None else [SolveStats([error.stats])]
+            raise
         if torch.compiler.is_compiling():  # a compiled graph cannot read stats
             self.step_stats = []
         else:

@@ -177,9 +177,14 @@ def test_nonconvergence_is_reported():
     with pytest.warns(idl.ImplicitFunctionWarning):
         model(torch.randn(2, 3, 1))
     assert not model.last_stats.forward["converged"]
-    strict = ImplicitRNN(1, 1, 4, 6, mitr=1, tol=0.0, on_nonconvergence="raise")
+    strict = ImplicitRNN(1, 1, 4, 6, mitr=1, tol=0.0, on_nonconvergence="raise", bias=False)
+    strict(torch.randn(2, 3, 1) * 0)  # a run that converges (X = 0 at once)
+    assert strict.last_stats.forward["converged"]
     with pytest.raises(idl.SolveNotConverged):
         strict(torch.randn(2, 3, 1))
+    # the stats are the failed run's, not the previous run's
+    stats = strict.last_stats.forward
+    assert not stats["converged"] and stats["iterations"] == 1 and len(strict.recurrent.step_stats) == 1
 
 
 @pytest.mark.parametrize(
