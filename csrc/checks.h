@@ -153,7 +153,7 @@ inline SolveArgs check_fixed_point_args(const at::Tensor& A, const at::Tensor& C
 }
 
 // The solves with a relative tolerance or method "auto" (idl::fixed_point_rel
-// and idl::fixed_point_adjoint_rel; "auto" is CPU only for now).
+// and idl::fixed_point_adjoint_rel).
 inline SolveArgs check_fixed_point_rel_args(const at::Tensor& A, const at::Tensor& C0,
                                             const c10::optional<at::Tensor>& X0,
                                             c10::string_view activation, double slope,

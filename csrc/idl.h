@@ -146,6 +146,24 @@ typedef struct {
     int64_t switch_patience; /* IDL_AUTO (0: IDL_AUTO_SWITCH_PATIENCE) */
 } idl_solver;
 
+/* Past iterates a solve keeps per sample (Anderson's, and auto's once a
+ * sample switches); none for Picard. */
+static inline int64_t idl_anderson_memory(idl_solver solver)
+{
+    return solver.method == IDL_PICARD ? 0 : solver.memory;
+}
+
+/* IDL_AUTO's switching rule with the defaults filled in. */
+static inline double idl_auto_ratio(idl_solver solver)
+{
+    return solver.switch_ratio > 0.0 ? solver.switch_ratio : IDL_AUTO_SWITCH_RATIO;
+}
+
+static inline int64_t idl_auto_patience(idl_solver solver)
+{
+    return solver.switch_patience > 0 ? solver.switch_patience : IDL_AUTO_SWITCH_PATIENCE;
+}
+
 /* What a solve did. `residual` is the largest final residual over samples,
  * NaN or Inf when an iterate stopped being finite (the solve stops there).
  * `error` is 0, or the nonzero value the matmul callback returned: then the

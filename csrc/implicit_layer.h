@@ -93,7 +93,7 @@ struct Settings {
 
 // The settings idl::fixed_point and idl::fixed_point_adjoint (every device)
 // cannot express: a relative tolerance, or method "auto". Those solves go to
-// the *_rel ops (on CUDA: rtol, and "auto" refused by the op).
+// the *_rel ops.
 inline bool forward_needs_rel(const Settings& s) { return s.rtol != 0.0 || s.method == "auto"; }
 inline bool backward_needs_rel(const Settings& s) { return s.grad_rtol != 0.0 || s.method == "auto"; }
 
@@ -134,9 +134,8 @@ inline at::Tensor well_posed_backward(const at::Tensor& grad, const at::Tensor& 
 
 // The ops a layer's settings need beyond idl::fixed_point and
 // idl::fixed_point_adjoint must have a kernel on its device (CPU and CUDA
-// have them all; "auto" is refused by the CUDA op itself): a device without
-// one is refused at the forward call, with a clear message, rather than in
-// the backward pass with the dispatcher's.
+// have them all): a device without one is refused at the forward call, with
+// a clear message, rather than in the backward pass with the dispatcher's.
 inline void check_device_supports(const Settings& s, const at::Tensor& like) {
     if (like.device().is_cpu() || like.device().is_meta()) return;
     const auto key = c10::computeDispatchKey(std::nullopt, like.layout(), like.device());

@@ -239,9 +239,9 @@ TORCH_LIBRARY(idl, m) {
         "fixed_point_adjoint(Tensor A, Tensor Z, Tensor G, str activation, float slope, "
         "int max_iter, float tol, str method=\"picard\", int memory=5) "
         "-> (Tensor V, Tensor stats)");
-    // The solves with a relative tolerance or method "auto" (CUDA: rtol, not
-    // "auto" yet), and the phantom / JFB backward; idl::implicit_layer calls
-    // them only when those settings are asked for.
+    // The solves with a relative tolerance or method "auto", and the phantom /
+    // JFB backward; idl::implicit_layer calls them only when those settings
+    // are asked for.
     m.def(
         "fixed_point_rel(Tensor A, Tensor C0, Tensor? X0, str activation, float slope, "
         "int max_iter, float tol, float rtol, str method, int memory) "

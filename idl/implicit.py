@@ -162,8 +162,8 @@ class ImplicitModel(nn.Module):
             close to 1) or ``"auto"`` (Picard; a sample whose residual shrinks by
             less than a factor 0.7 per iteration for 3 iterations in a row
             switches to Anderson for the rest of the solve: Picard's cost where
-            Picard is fast, close to Anderson's where it is slow; CPU only for
-            now); used by the forward and the backward solve.
+            Picard is fast, close to Anderson's where it is slow); used by the
+            forward and the backward solve.
         anderson_memory: how many past iterates Anderson mixes, 1 to 16.
         backward: how the gradient is computed. ``"implicit"`` (default): the
             adjoint solve to grad_tol, the exact gradient of the fixed point

@@ -232,10 +232,11 @@ RNN_AND_ATTENTION = [
 **ImplicitRNN.** The recurrence of an RNN is an implicit model: at step t,
 
 $$
-X_t = \phi(X_t A^\top + [u_t, h_{t-1}] B^\top), \qquad h_t = X_t C^\top + [u_t, h_{t-1}] D^\top ,
+X_t = \phi(X_t A^\top + [u_t, h_{t-1}] B^\top + b_X), \qquad h_t = X_t C^\top + s\,[u_t, h_{t-1}] D^\top + b_h ,
 $$
 
-each step's solve warm-started from the previous equilibrium and differentiated
+with biases $b_X, b_h$ by default, as in `nn.RNN` (`bias=False` is torchidl's
+cell) and $s$ = `d_scale`, each step's solve warm-started from the previous equilibrium and differentiated
 implicitly; backpropagation through time runs across steps, never through
 solver iterations. A linear map of the last $h$ gives the output.
 
@@ -285,7 +286,7 @@ g = torch.Generator().manual_seed(0)
 x_train, y_train = rolling_mean(2000, 1.0, g)
 tests = {"inputs in [-1, 1]": rolling_mean(500, 1.0, g), "inputs in [-4, 4]": rolling_mean(500, 4.0, g)}
 steps = 60 if QUICK else 600
-models = {"ImplicitRNN": idl.ImplicitRNN(1, 1, hidden_dim=16, implicit_hidden_dim=16, bias=True),
+models = {"ImplicitRNN": idl.ImplicitRNN(1, 1, hidden_dim=16, implicit_hidden_dim=16),
           "LSTM": LSTMRegressor(15)}
 curves = {}
 for name, net in models.items():

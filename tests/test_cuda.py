@@ -437,14 +437,33 @@ def test_relative_tolerance_matches_cpu(method, check_every, monkeypatch):
 
 @pytest.mark.cuda
 @gpu
-def test_auto_is_refused_on_cuda_not_run_as_picard_and_rtol_runs():
-    A, C0 = on_gpu(*problem(m=3, n=4))
-    for op in (ops.fixed_point, ops.fixed_point_rel):
-        extra = (10, 1e-6) if op is ops.fixed_point else (1e-3,)
-        with pytest.raises(NotImplementedError, match="solver='auto' is not implemented on CUDA"):
-            op(A, C0, None, "tanh", 0.0, 10, 1e-6, *extra, "auto", 5)
-    model = idl.ImplicitModel(4, 2, 4, rtol=1e-3, grad_rtol=1e-3).to(DEVICE)
-    model(torch.randn(3, 4, device=DEVICE)).sum().backward()  # rtol runs on CUDA
+@pytest.mark.parametrize("check_every", ["0", "1", "8"])
+def test_auto_matches_cpu(check_every, monkeypatch):
+    """solver="auto": a slow sample (identity φ, contraction 0.97) switches
+    to Anderson and a fast one does not, as on the CPU: the same fixed point,
+    iterations within rounding of the CPU's, and the fast sample's answer
+    Picard's."""
+    monkeypatch.setenv("IDL_CUDA_CHECK_EVERY", check_every)
+    n = 6
+    A = torch.full((n, n), 0.97 / n, dtype=torch.float64)
+    C0 = torch.randn(2, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64).abs() + 1
+    C0[1] = -10.0
+    C0[1, 0] = 1.0
+    args = ("relu", 0.0, 2000, 1e-10, 0.0, "auto", 5)
+    cpu = ops.fixed_point_rel(A, C0, None, *args)
+    gpu = ops.fixed_point_rel(*on_gpu(A, C0), None, *args)
+    picard = ops.fixed_point_rel(A, C0, None, "relu", 0.0, 2000, 1e-10, 0.0, "picard", 5)
+    assert cpu[2][0] < picard[2][0] / 3  # the slow sample switched on the CPU
+    assert abs(gpu[2][0].item() - cpu[2][0].item()) <= 2 and gpu[2][2].item() == 1.0
+    assert_close_to_cpu(gpu[0], cpu[0], rtol=1e-8, atol=1e-8)
+    assert_close_to_cpu(gpu[0][1], picard[0][1])
+    G = torch.randn_like(C0)
+    cpu_v = ops.fixed_point_adjoint_rel(A, cpu[1], G, *args)
+    gpu_v = ops.fixed_point_adjoint_rel(*on_gpu(A, cpu[1], G), *args)
+    assert abs(gpu_v[1][0].item() - cpu_v[1][0].item()) <= 2
+    assert_close_to_cpu(gpu_v[0], cpu_v[0], rtol=1e-8, atol=1e-8)
+    model = idl.ImplicitModel(4, 2, 4, solver="auto", rtol=1e-3, grad_rtol=1e-3).to(DEVICE)
+    model(torch.randn(3, 4, device=DEVICE)).sum().backward()
     assert model.last_stats.forward["converged"] and model.A.grad is not None
 
 

@@ -12,15 +12,10 @@
 /* Elements below which a pass over the working rows stays on one thread. */
 #define IDL_PARALLEL_MIN_WORK 8192
 
-static int64_t anderson_memory(idl_solver solver)
-{
-    return solver.method == IDL_PICARD ? 0 : solver.memory;
-}
-
 int64_t idl_solve_workspace_bytes(int64_t m, int64_t n, int64_t elem_size,
                                   idl_solver solver)
 {
-    const int64_t M = anderson_memory(solver);
+    const int64_t M = idl_anderson_memory(solver);
     const int64_t doubles = m * M * M + 3 * m;  /* Gram, residuals, thresholds */
     const int64_t ints = 6 * m; /* idx, g_in_x, count, next, restarts, slow */
     const int64_t reals = 3 * m * n                  /* xw, p, aux          */
@@ -33,17 +28,6 @@ int64_t idl_solve_workspace_bytes(int64_t m, int64_t n, int64_t elem_size,
 int64_t idl_phantom_workspace_bytes(int64_t m, int64_t n, int64_t elem_size)
 {
     return 2 * m * n * elem_size; /* φ'(Z), the product V A */
-}
-
-/* IDL_AUTO's switching rule, with the defaults filled in. */
-static double auto_ratio(idl_solver solver)
-{
-    return solver.switch_ratio > 0.0 ? solver.switch_ratio : IDL_AUTO_SWITCH_RATIO;
-}
-
-static int64_t auto_patience(idl_solver solver)
-{
-    return solver.switch_patience > 0 ? solver.switch_patience : IDL_AUTO_SWITCH_PATIENCE;
 }
 
 #define REAL float

@@ -1,8 +1,9 @@
 // fixed_point.cu: the forward and adjoint fixed-point solves on the device,
-// with the built-in activations, by Picard iteration or Anderson mixing. The
+// with the built-in activations, by Picard iteration, Anderson mixing, or
+// "auto" (Picard, each slow sample switching to Anderson). The
 // algorithm of csrc/cpu/fixed_point.inc and anderson.inc: x <- g(x) row by
 // row, g(x) = step(x M), M a fixed n x n matrix applied by the caller's GEMM,
-// a sample leaving the working set once its residual is <= tol.
+// a sample leaving the working set once its residual is <= tol (+ rtol |g(x)|).
 //
 // What differs is who decides. The per-row decisions are taken on the device:
 // the step kernel (one warp per working row) computes g(x), its residual,
@@ -73,11 +74,17 @@ struct Progress {
 };
 static_assert(sizeof(Progress) <= IDL_CUDA_SNAPSHOT_BYTES, "IDL_CUDA_SNAPSHOT_BYTES too small");
 
-// Anderson's state of each sample (memory 0: Picard, nothing here).
+// Anderson's state of each sample (memory 0: Picard, nothing here), and
+// auto's (anderson.inc's auto_step): `slow` counts each sample's slow Picard
+// steps in a row, -1 once it mixes; NULL for "anderson", whose samples mix
+// from the start.
 template <typename T>
 struct Anderson {
     int memory;
     double regularization;
+    double switch_ratio;  // auto: a residual ratio above this is a slow step
+    int patience;         // auto: slow steps in a row that switch a sample
+    int *slow;            // [sample], auto only
     T *f, *g;          // [sample][memory][n]: residuals and map values
     double *gram;      // [sample][memory][memory]: f_i . f_j
     double *last_res;  // [sample]: residual at the previous step
@@ -107,15 +114,11 @@ struct Workset {
 // Byte offsets of the workspace's parts, each 256-byte aligned.
 struct Layout {
     int64_t xw, p, idx, spare_idx, src, moving, residual, spare_residual, frozen, progress;
-    int64_t f, g, gram, last_res, count, next, restarts, total;
+    int64_t f, g, gram, last_res, count, next, restarts, slow, total;
 };
 
-int anderson_memory(idl_solver solver) {
-    return solver.method == IDL_ANDERSON ? static_cast<int>(solver.memory) : 0;
-}
-
 Layout layout(int64_t m, int64_t n, int64_t elem_size, idl_solver solver) {
-    const int64_t M = anderson_memory(solver);
+    const int64_t M = idl_anderson_memory(solver);
     Layout l;
     int64_t at = 0;
     auto take = [&at](int64_t bytes) {
@@ -143,6 +146,7 @@ Layout layout(int64_t m, int64_t n, int64_t elem_size, idl_solver solver) {
     l.count = take(M > 0 ? m * flag : 0);
     l.next = take(M > 0 ? m * flag : 0);
     l.restarts = take(M > 0 ? m * flag : 0);
+    l.slow = take(solver.method == IDL_AUTO ? m * flag : 0);
     l.total = at;
     return l;
 }
@@ -151,8 +155,11 @@ template <typename T>
 Workset<T> workset(int64_t m, int64_t n, idl_solver solver, void *workspace) {
     const Layout l = layout(m, n, sizeof(T), solver);
     char *base = static_cast<char *>(workspace);
-    Anderson<T> acc{anderson_memory(solver),
+    Anderson<T> acc{static_cast<int>(idl_anderson_memory(solver)),
                     solver.regularization,
+                    idl_auto_ratio(solver),
+                    static_cast<int>(idl_auto_patience(solver)),
+                    solver.method == IDL_AUTO ? reinterpret_cast<int *>(base + l.slow) : nullptr,
                     reinterpret_cast<T *>(base + l.f),
                     reinterpret_cast<T *>(base + l.g),
                     reinterpret_cast<double *>(base + l.gram),
@@ -287,6 +294,40 @@ __device__ void anderson_step(const Anderson<T> &a, int64_t s, int64_t n, T *x, 
     }
 }
 
+// auto, a sample still on Picard steps (anderson.inc's auto_step, by one
+// warp): x = g(x), unless its residual has shrunk by less than switch_ratio
+// for `patience` steps in a row; then its (empty) history is reset and it
+// mixes from this step on. Returns whether it took the Picard step (false:
+// it mixes, now or already; anderson_step is the caller's).
+template <typename T>
+__device__ bool auto_picard_step(const Anderson<T> &a, int64_t s, int64_t n, T *x, const T *gx,
+                                 double res) {
+    const int lane = threadIdx.x % kWarp;
+    int slow = a.slow[s];
+    const double last = a.last_res[s];
+    __syncwarp();  // every lane has read before lane 0 writes
+    if (slow < 0)
+        return false;
+    slow = res > a.switch_ratio * last ? slow + 1 : 0;
+    if (slow >= a.patience) {
+        if (lane == 0) {
+            a.slow[s] = -1;
+            a.count[s] = 0;
+            a.next[s] = 0;
+            a.last_res[s] = INFINITY;
+        }
+        __syncwarp();  // anderson_step reads the reset history
+        return false;
+    }
+    for (int64_t j = lane; j < n; j += kWarp)
+        x[j] = gx[j];
+    if (lane == 0) {
+        a.slow[s] = slow;
+        a.last_res[s] = res;
+    }
+    return true;
+}
+
 // One pass over the working rows, one warp per row: g(x) from update(p),
 // residual max |g(x) - x| (NaN sticky); a row with residual <= tol + rtol
 // max |g(x)| (fixed_point.inc's update_rows; rtol 0: tol alone) is done,
@@ -347,7 +388,8 @@ __global__ void step_kernel(int64_t active, int64_t n, long long iteration, doub
                           0ull, static_cast<unsigned long long>(iteration));
             }
         }
-        if (mixing && isfinite(residual))
+        if (mixing && isfinite(residual) &&
+            !(w.acc.slow != nullptr && auto_picard_step(w.acc, sample, n, x, gx, residual)))
             anderson_step(w.acc, sample, n, x, gx, residual, &scratch[threadIdx.x / kWarp]);
     }
 }
@@ -564,6 +606,8 @@ cudaError_t iterate(int64_t m, int64_t n, idl_matmul mm, Update update, idl_solv
         IDL_TRY(cudaMemsetAsync(w.acc.count, 0, m * sizeof(int), stream));
         IDL_TRY(cudaMemsetAsync(w.acc.next, 0, m * sizeof(int), stream));
         IDL_TRY(cudaMemsetAsync(w.acc.restarts, 0, m * sizeof(int), stream));
+        if (w.acc.slow != nullptr)  // auto: every sample starts on Picard steps
+            IDL_TRY(cudaMemsetAsync(w.acc.slow, 0, m * sizeof(int), stream));
     }
     start_kernel<<<blocks_for(m < 65536 * 256 ? m : 65536 * 256, 256), 256, 0, stream>>>(
         m, w.idx, w.acc.memory > 0 ? w.acc.last_res : nullptr);

@@ -199,19 +199,10 @@ at::Tensor project_linf_backward_cuda(const at::Tensor& grad, const at::Tensor& 
     return out;
 }
 
-// method "auto" has no CUDA kernel yet (csrc/cuda/fixed_point.cu mixes only
-// for "anderson"): refused rather than run as Picard.
-void refuse_auto(const SolveArgs& args) {
-    TORCH_CHECK_NOT_IMPLEMENTED(args.solver.method != IDL_AUTO,
-                                "idl: solver='auto' is not implemented on CUDA yet "
-                                "(use 'picard' or 'anderson')");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_cuda(const at::Tensor& A,
                                                          const at::Tensor& C0,
                                                          const c10::optional<at::Tensor>& X0,
                                                          const SolveArgs& args) {
-    refuse_auto(args);
     const c10::cuda::CUDAGuard guard(C0.device());
     auto c0 = C0.contiguous();
     // NaN/Inf in A or C0: looked for on the device, no host sync (idl_cuda.h)
@@ -263,7 +254,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_point_rel_cuda(
 
 std::tuple<at::Tensor, at::Tensor> adjoint_cuda(const at::Tensor& A, const at::Tensor& Z,
                                                 const at::Tensor& G, const SolveArgs& args) {
-    refuse_auto(args);
     const c10::cuda::CUDAGuard guard(Z.device());
     auto z = Z.contiguous();
     auto g = G.contiguous();
