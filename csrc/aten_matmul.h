@@ -27,11 +27,13 @@ struct RightFactor {
     }
 };
 
-// Multiply-adds up to which a CPU product is idl_small_matmul's, not ATen's:
-// measured on 2 cores, ATen's call (dispatch, two tensor wraps, MKL) costs
-// ~2.5 us, the loop ~0.3 ns a multiply-add; an ImplicitRNN step of hidden 10
-// made ~400 such products.
-constexpr int64_t kSmallMatmulWork = int64_t{1} << 13;
+// Multiply-adds up to which a CPU product is idl_small_matmul's, not ATen's.
+// Measured per solve iteration (one thread): ATen's call (dispatch, two
+// tensor wraps, MKL) costs ~1.5-2 us whatever the size, the loop ~0.35 ns a
+// multiply-add; they cross between 4,000 and 8,000 (at hidden 10: 32 rows
+// 1.7 us in C; 80 rows 4.8 us in C against 4.3 through ATen). An ImplicitRNN
+// step of hidden 10 made ~400 products of 3,200.
+constexpr int64_t kSmallMatmulWork = int64_t{1} << 12;
 
 inline bool small_matmul(const at::Tensor& m, int64_t rows, const void* left, void* out) {
     const int64_t n = m.size(0);
