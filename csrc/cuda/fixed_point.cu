@@ -85,12 +85,12 @@ struct Anderson {
     double switch_ratio;  // auto: a residual ratio above this is a slow step
     int patience;         // auto: slow steps in a row that switch a sample
     int *slow;            // [sample], auto only
-    T *f, *g;          // [sample][memory][n]: residuals and map values
-    double *gram;      // [sample][memory][memory]: f_i . f_j
-    double *last_res;  // [sample]: residual at the previous step
-    int *count;        // [sample]: pairs stored, in slots 0..count-1
-    int *next;         // [sample]: the slot the next pair goes to
-    int *restarts;     // [sample]: times the safeguard fired
+    T *f, *g;             // [sample][memory][n]: residuals and map values
+    double *gram;         // [sample][memory][memory]: f_i . f_j
+    double *last_res;     // [sample]: residual at the previous step
+    int *count;           // [sample]: pairs stored, in slots 0..count-1
+    int *next;            // [sample]: the slot the next pair goes to
+    int *restarts;        // [sample]: times the safeguard fired
 };
 
 // The working set, rows 0..active-1: iterates, GEMM output, the sample of each
