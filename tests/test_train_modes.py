@@ -9,6 +9,8 @@ import idl
 from idl import functional as F
 from idl._stats import SolveStats
 
+from devices import DEVICES
+
 ops = torch.ops.idl
 
 
@@ -34,8 +36,9 @@ def first_stop(c, tol, rtol):
         x = gx
 
 
-def test_rtol_stops_a_sample_that_meets_only_the_relative_test():
-    A, C0 = halving_problem()
+@pytest.mark.parametrize("device", DEVICES)
+def test_rtol_stops_a_sample_that_meets_only_the_relative_test(device):
+    A, C0 = (t.to(device) for t in halving_problem())
     tol, rtol = 1e-6, 1e-4
     k_big, x_big = first_stop(1000.0, tol, rtol)
     k_small, _ = first_stop(1e-3, tol, rtol)
@@ -48,8 +51,9 @@ def test_rtol_stops_a_sample_that_meets_only_the_relative_test():
     assert X[0, 0].item() == pytest.approx(x_big, rel=1e-15)
 
 
-def test_a_sample_meeting_neither_test_does_not_stop():
-    A, C0 = halving_problem()
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_sample_meeting_neither_test_does_not_stop(device):
+    A, C0 = (t.to(device) for t in halving_problem())
     tol, rtol = 1e-6, 1e-4
     k_big, _ = first_stop(1000.0, tol, rtol)
     X, Z, stats = ops.fixed_point_rel(A, C0, None, "identity", 0.0, k_big - 1, tol, rtol, "picard", 5)
@@ -120,8 +124,9 @@ def cycle_problem(rho=0.97, n=6):
     return A, torch.randn(4, n, generator=g, dtype=torch.float64)
 
 
-def test_auto_switches_a_slow_sample_and_not_a_fast_one():
-    A, C0 = cycle_problem()
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_switches_a_slow_sample_and_not_a_fast_one(device):
+    A, C0 = (t.to(device) for t in cycle_problem())
     solve = lambda act, method, c0: ops.fixed_point_rel(A, c0, None, act, 0.0, 2000, 1e-10, 0.0, method, 5)
     # slow: identity φ, contraction exactly 0.97 -> auto takes Anderson's road
     picard, anderson, auto = (solve("identity", m, C0) for m in ("picard", "anderson", "auto"))
@@ -136,11 +141,12 @@ def test_auto_switches_a_slow_sample_and_not_a_fast_one():
     assert torch.equal(p[0], a[0]) and torch.equal(p[2], a[2])
 
 
-def test_auto_per_sample_in_one_batch():
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_per_sample_in_one_batch(device):
     """One batch, one slow sample (identity-like row) and a fast one: the fast
     one's answer is Picard's to the bit (it never mixed)."""
-    A, C0 = cycle_problem()
-    c0 = torch.stack([torch.full((6,), -10.0, dtype=torch.float64), C0[0].abs() + 1])
+    A, C0 = (t.to(device) for t in cycle_problem())
+    c0 = torch.stack([torch.full((6,), -10.0, dtype=torch.float64, device=device), C0[0].abs() + 1])
     c0[0, 0] = 1.0
     p = ops.fixed_point_rel(A, c0, None, "relu", 0.0, 2000, 1e-10, 0.0, "picard", 5)
     a = ops.fixed_point_rel(A, c0, None, "relu", 0.0, 2000, 1e-10, 0.0, "auto", 5)
@@ -208,15 +214,17 @@ def phantom_reference(A, Z, G, dphi, steps, tau):
 
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
 @pytest.mark.parametrize("mode, steps, tau", [("phantom", 5, 0.5), ("phantom", 3, 0.8), ("jfb", 1, 1.0)])
-def test_inexact_backward_matches_float64_reference(activation, mode, steps, tau):
+@pytest.mark.parametrize("device", DEVICES)
+def test_inexact_backward_matches_float64_reference(activation, mode, steps, tau, device):
     torch.manual_seed(1)
     m, p, q, n = 7, 5, 3, 6
     model = idl.ImplicitModel(p, q, n, f=idl.ImplicitFunction, activation=activation, backward=mode,
-                              phantom_steps=steps, phantom_tau=tau, tol=1e-13, mitr=5000, bias=True).double()
+                              phantom_steps=steps, phantom_tau=tau, tol=1e-13, mitr=5000,
+                              bias=True).double().to(device)
     with torch.no_grad():
         model.A.copy_(idl.project_linf(torch.randn(n, n, dtype=torch.float64), 0.9))
-    U = torch.randn(m, p, dtype=torch.float64)
-    W = torch.randn(m, q, dtype=torch.float64)
+    U = torch.randn(m, p, dtype=torch.float64).to(device)
+    W = torch.randn(m, q, dtype=torch.float64).to(device)
     Y, X = model.forward_with_state(U)
     (Y * W).sum().backward()
     A, B, C = model.A.detach(), model.B.detach(), model.C.detach()
