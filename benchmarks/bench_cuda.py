@@ -2,7 +2,8 @@
 
 1. Training step: idl.ImplicitModel against torchidl.ImplicitModel, same sizes,
    same initial parameters, same solver settings: median time of forward +
-   backward + optimizer step, and the solves' iteration counts.
+   backward + optimizer step, and the solves' iteration counts; idl with each
+   projection, and with solver="auto", rtol 1e-3 and backward="jfb".
 2. Forward solve against its GEMM bound: a Picard solve costs at least
    `iterations` products X·Aᵀ, so iterations × (time of one full-batch GEMM) is
    what a solver that does nothing but GEMMs would take. The ratio shows the
@@ -110,30 +111,37 @@ def bench_training(args, device, dtype):
     shape = f"{args.input}->{args.hidden}->{args.output} batch {args.batch}"
     print(f"\n== training step: batch {args.batch}, input {args.input}, hidden {args.hidden}, "
           f"output {args.output}, {dtype}, tol {args.tol}, kappa {args.kappa}")
-    rows = []
-    for projection in ("exact", "scale"):
-        model = idl.ImplicitModel(args.input, args.output, args.hidden, projection=projection,
+    # the default settings with each projection, then the other solver and
+    # backward modes (scale projection)
+    variants = {"idl (exact)": dict(projection="exact"), "idl (scale)": dict(projection="scale"),
+                "idl (auto)": dict(projection="scale", solver="auto"),
+                "idl (rtol 1e-3)": dict(projection="scale", rtol=1e-3, grad_rtol=1e-3),
+                "idl (jfb)": dict(projection="scale", backward="jfb")}
+    rows = {}
+    for name, options in variants.items():
+        model = idl.ImplicitModel(args.input, args.output, args.hidden, **options,
                                   **settings).to(device=device, dtype=dtype)
         if reference is not None:
             copy_parameters(reference, model)
         step = training_step(model, U, labels, torch.optim.SGD(model.parameters(), lr=1e-3))
         ms = median_ms(step, device, args.warmup, args.reps)
         stats = model.last_stats
-        rows.append((f"idl ({projection})", ms, stats.forward["iterations"],
-                     stats.backward["iterations"]))
+        rows[name] = (ms, stats.forward["iterations"], stats.backward["iterations"])
     if reference is not None:
         step = training_step(reference, U, labels, torch.optim.SGD(reference.parameters(), lr=1e-3))
-        rows.append(("torchidl", median_ms(step, device, args.warmup, args.reps), "-", "-"))
+        rows["torchidl"] = (median_ms(step, device, args.warmup, args.reps), "-", "-")
     else:
         print(f"   torchidl not importable ({why_not}); pass --torchidl-path")
-    print(f"   {'model':<14} {'ms/step':>10} {'fwd iters':>10} {'bwd iters':>10}")
-    for name, ms, forward, backward in rows:
-        print(f"   {name:<14} {ms:>10.3f} {forward!s:>10} {backward!s:>10}")
-    idl_ms = rows[1][1]
+    print(f"   {'model':<16} {'ms/step':>10} {'fwd iters':>10} {'bwd iters':>10}")
+    for name, (ms, forward, backward) in rows.items():
+        print(f"   {name:<16} {ms:>10.3f} {forward!s:>10} {backward!s:>10}")
+    idl_ms = rows["idl (scale)"][0]
     if reference is not None:
-        print(f"   speed-up of idl (scale) over torchidl: {rows[2][1] / idl_ms:.2f}x")
+        torchidl_ms = rows["torchidl"][0]
+        print(f"   speed-up of idl (scale) over torchidl: {torchidl_ms / idl_ms:.2f}x")
         summary_row(args, f"train step {shape}", f"{idl_ms:.2f} ms",
-                    f"torchidl {rows[2][1]:.2f} ms: {rows[2][1] / idl_ms:.2f}x")
+                    f"torchidl {torchidl_ms:.2f} ms: {torchidl_ms / idl_ms:.2f}x; "
+                    f"jfb {rows['idl (jfb)'][0]:.2f}, auto {rows['idl (auto)'][0]:.2f} ms")
     else:
         summary_row(args, f"train step {shape}", f"{idl_ms:.2f} ms",
                     "torchidl not installed: no comparison")
