@@ -130,7 +130,8 @@ class ImplicitRNNCell(nn.Module):
     After a call, ``step_stats`` holds every step's SolveStats and
     ``last_stats`` summarises them (the most iterations, the largest residual);
     after a call that raised SolveNotConverged (``on_nonconvergence="raise"``),
-    ``step_stats`` is one record, the failed run's steps merged.
+    they are the failed run's (from the op: one record, its steps merged;
+    from the Python loop: the steps run, the failed one last).
 
     With a built-in activation the whole recurrence is one op,
     idl::implicit_rnn (the loop over time and backpropagation through time in
@@ -215,7 +216,11 @@ class ImplicitRNNCell(nn.Module):
             # The warm start only picks where the solve begins: no gradient
             # flows through it, the implicit backward of each step is exact.
             start = None if state is None else state.detach()
-            new, state = self.layer.forward_with_state(U, start)
+            try:
+                new, state = self.layer.forward_with_state(U, start)
+            except SolveNotConverged:  # the steps run so far, the failed one last
+                self.step_stats = stats + [self.layer.last_stats]
+                raise
             stats.append(self.layer.last_stats)
             if lengths is not None:
                 active = (t < lengths)[:, None]

@@ -185,6 +185,14 @@ def test_nonconvergence_is_reported():
     # the stats are the failed run's, not the previous run's
     stats = strict.last_stats.forward
     assert not stats["converged"] and stats["iterations"] == 1 and len(strict.recurrent.step_stats) == 1
+    # the same through the Python loop (a φ defined in Python): the steps run
+    from custom_activations import Softsign
+    looped = ImplicitRNN(1, 1, 4, 6, mitr=1, tol=0.0, on_nonconvergence="raise", bias=False, f=Softsign)
+    looped(torch.randn(2, 3, 1) * 0)
+    assert len(looped.recurrent.step_stats) == 3 and looped.last_stats.forward["converged"]
+    with pytest.raises(idl.SolveNotConverged):
+        looped(torch.randn(2, 3, 1))
+    assert len(looped.recurrent.step_stats) == 1 and not looped.last_stats.forward["converged"]
 
 
 @pytest.mark.parametrize(
