@@ -17,7 +17,9 @@ namespace idl_glue {
 struct RightFactor {
     explicit RightFactor(at::Tensor matrix_) : matrix(std::move(matrix_)) {}
 
-    at::Tensor matrix;  // n x n, possibly a transposed view
+    at::Tensor matrix;     // n x n, possibly a transposed view
+    at::Tensor row_major;  // the matrix with unit column stride, made at the
+                           // first small product (small_matmul)
     // What the GEMM threw: it must not unwind through the C solve, so it is
     // kept here, the solve stops, and the glue rethrows it (rethrow_error).
     std::exception_ptr error;
@@ -28,22 +30,26 @@ struct RightFactor {
 };
 
 // Multiply-adds up to which a CPU product is idl_small_matmul's, not ATen's.
-// Measured per solve iteration (one thread): ATen's call (dispatch, two
-// tensor wraps, MKL) costs ~1.5-2 us whatever the size, the loop ~0.35 ns a
-// multiply-add; they cross between 4,000 and 8,000 (at hidden 10: 32 rows
-// 1.7 us in C; 80 rows 4.8 us in C against 4.3 through ATen). An ImplicitRNN
-// step of hidden 10 made ~400 products of 3,200.
+// Measured per solve iteration (one thread, noisy): ATen's call (dispatch,
+// two tensor wraps, MKL) costs ~1.5-2 us whatever the size, the loop ~0.3 ns
+// a multiply-add; they cross between 4,000 and 8,000 (hidden 10 x 80 rows
+// was slower in C). An ImplicitRNN step of hidden 10 made ~400 products of
+// 3,200.
 constexpr int64_t kSmallMatmulWork = int64_t{1} << 12;
 
-inline bool small_matmul(const at::Tensor& m, int64_t rows, const void* left, void* out) {
+inline bool small_matmul(RightFactor& factor, int64_t rows, const void* left, void* out) {
+    const auto& m = factor.matrix;
     const int64_t n = m.size(0);
     if (!m.device().is_cpu() || rows * n * n > kSmallMatmulWork) return false;
-    if (m.scalar_type() == at::kFloat)
-        idl_small_matmul_f32(rows, n, static_cast<const float*>(left), m.const_data_ptr<float>(),
-                             m.stride(0), m.stride(1), static_cast<float*>(out));
+    if (!factor.row_major.defined())  // Aᵀ of the forward solve: one copy of n x n
+        factor.row_major = m.stride(1) == 1 ? m : m.contiguous();
+    const auto& dense = factor.row_major;
+    if (dense.scalar_type() == at::kFloat)
+        idl_small_matmul_f32(rows, n, static_cast<const float*>(left), dense.const_data_ptr<float>(),
+                             dense.stride(0), static_cast<float*>(out));
     else
         idl_small_matmul_f64(rows, n, static_cast<const double*>(left),
-                             m.const_data_ptr<double>(), m.stride(0), m.stride(1),
+                             dense.const_data_ptr<double>(), dense.stride(0),
                              static_cast<double*>(out));
     return true;
 }
@@ -55,7 +61,7 @@ inline int matmul_by_factor(void* ctx, int64_t rows, const void* left, void* out
     auto* factor = static_cast<RightFactor*>(ctx);
     try {
         const auto& m = factor->matrix;
-        if (small_matmul(m, rows, left, out)) return 0;
+        if (small_matmul(*factor, rows, left, out)) return 0;
         const int64_t n = m.size(0);
         // The device given, so that wrapping the pointers does not ask the
         // driver where they live (a pointer-attribute query) at every pass.

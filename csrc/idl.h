@@ -226,13 +226,14 @@ idl_stats idl_phantom_adjoint_f64(int64_t m, int64_t n, idl_matmul matmul_a,
                                   double *v, void *workspace);
 
 /* out = left · M for the solves' small products (rows x n times n x n; left
- * and out contiguous, M with strides s0, s1), on the calling thread: where a
- * product has a few thousand multiply-adds, a BLAS call through ATen costs
- * ~10x the arithmetic (the glue's choice: csrc/aten_matmul.h). */
+ * and out contiguous, M row-major with row stride ldm), on the calling
+ * thread: where a product has a few thousand multiply-adds, a BLAS call
+ * through ATen costs several times the arithmetic (the glue's choice:
+ * csrc/aten_matmul.h). */
 void idl_small_matmul_f32(int64_t rows, int64_t n, const float *left,
-                          const float *m, int64_t s0, int64_t s1, float *out);
+                          const float *m, int64_t ldm, float *out);
 void idl_small_matmul_f64(int64_t rows, int64_t n, const double *left,
-                          const double *m, int64_t s0, int64_t s1, double *out);
+                          const double *m, int64_t ldm, double *out);
 
 /* ---- SIM: prox of l1 plus an l1-ball constraint (csrc/cpu/prox.c) ------- */
 

@@ -374,9 +374,9 @@ def test_gemm_error_inside_a_solve_is_raised_once_and_stops_it(failing_cpu_gemm,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_small_products_are_computed_in_c_and_match_atens_for_any_strides(failing_cpu_gemm, dtype):
     """Products of at most 2^12 multiply-adds (aten_matmul.h) are
-    idl_small_matmul's: no ATen GEMM is called, and the forward (Aᵀ, column
-    strides), the adjoint (A, row strides) and a strided A (neither) agree
-    with torch.mm's iterations."""
+    idl_small_matmul's: no ATen GEMM is called, and the forward (Aᵀ, a view
+    the glue copies row-major once per solve), the adjoint (A, row-major) and
+    a strided A agree with torch.mm's iterations."""
     A, C0 = problem(m=8, n=9, dtype=dtype)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     big = torch.zeros(18, 27, dtype=dtype)
