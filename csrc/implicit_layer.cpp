@@ -258,11 +258,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_point_autograd(
 TORCH_LIBRARY_FRAGMENT(idl, m) {
     m.def(
         "implicit_layer(Tensor U, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? bias_hidden, "
-        "Tensor? bias_out, Tensor? X0, str well_posed, float kappa, str activation, float slope, "
-        "int max_iter, float tol, int grad_max_iter, float grad_tol, str method, int memory, "
-        "float rtol=0.0, float grad_rtol=0.0, str backward=\"implicit\", int phantom_steps=5, "
-        "float phantom_tau=0.5, str on_nonconvergence=\"warn\", float d_scale=1.0) -> (Tensor Y, "
-        "Tensor X, Tensor stats)");
+        "Tensor? bias_out, Tensor? X0, " IDL_SETTINGS_SCHEMA
+        ") -> (Tensor Y, Tensor X, Tensor stats)");
 }
 
 TORCH_LIBRARY_IMPL(idl, CompositeExplicitAutograd, m) {

@@ -347,8 +347,15 @@ inline Settings load_settings(AutogradContext* ctx) {
     return s;
 }
 
-// The settings as an op takes them after its tensors, in schema order (the
-// parameters, and the same names as arguments: settings_of(IDL_SETTINGS_ARGS)).
+// The settings as an op takes them after its tensors, in schema order: the
+// schema's text, the C++ parameters, and the same names as arguments
+// (settings_of(IDL_SETTINGS_ARGS)).
+#define IDL_SETTINGS_SCHEMA                                                                    \
+    "str well_posed, float kappa, str activation, float slope, int max_iter, float tol, "       \
+    "int grad_max_iter, float grad_tol, str method, int memory, float rtol=0.0, "              \
+    "float grad_rtol=0.0, str backward=\"implicit\", int phantom_steps=5, "                   \
+    "float phantom_tau=0.5, str on_nonconvergence=\"warn\", float d_scale=1.0"
+
 #define IDL_SETTINGS_PARAMS                                                                    \
     c10::string_view well_posed, double kappa, c10::string_view activation, double slope,      \
         int64_t max_iter, double tol, int64_t grad_max_iter, double grad_tol,                   \

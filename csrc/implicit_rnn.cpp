@@ -354,12 +354,8 @@ RnnResult implicit_rnn_autograd(IDL_RNN_PARAMS) {
 TORCH_LIBRARY_FRAGMENT(idl, m) {
     m.def(
         "implicit_rnn(Tensor x, Tensor? h0, Tensor A, Tensor B, Tensor C, Tensor? D, "
-        "Tensor? bias_hidden, Tensor? bias_out, Tensor? lengths, str well_posed, float kappa, "
-        "str activation, float slope, int max_iter, float tol, int grad_max_iter, "
-        "float grad_tol, str method, int memory, float rtol=0.0, float grad_rtol=0.0, "
-        "str backward=\"implicit\", int phantom_steps=5, float phantom_tau=0.5, "
-        "str on_nonconvergence=\"warn\", float d_scale=1.0) -> (Tensor outputs, Tensor stats, "
-        "Tensor step_stats)");
+        "Tensor? bias_hidden, Tensor? bias_out, Tensor? lengths, " IDL_SETTINGS_SCHEMA
+        ") -> (Tensor outputs, Tensor stats, Tensor step_stats)");
 }
 
 TORCH_LIBRARY_IMPL(idl, CompositeExplicitAutograd, m) {
