@@ -174,14 +174,20 @@ inline void check_phantom(int64_t steps, double tau) {
     TORCH_CHECK_VALUE(tau > 0.0 && tau <= 1.0, "idl: phantom_tau must be in (0, 1], got ", tau);
 }
 
-// idl::phantom_adjoint's arguments (every device); returns the activation.
-inline idl_act check_phantom_args(const at::Tensor& A, const at::Tensor& Z, const at::Tensor& G,
-                                  c10::string_view activation, double slope, int64_t steps,
-                                  double tau) {
+// The tensors of every adjoint (the solve and the phantom steps): A square,
+// Z (m x n) and G of Z's shape, on A's device and dtype.
+inline void check_adjoint_tensors(const at::Tensor& A, const at::Tensor& Z, const at::Tensor& G) {
     check_square_with(A, Z, "Z");
     check_same(G, Z, "G", "Z");
     TORCH_CHECK_VALUE(G.sizes() == Z.sizes(), "idl: G must have shape ", Z.sizes(), ", got ",
                       G.sizes());
+}
+
+// idl::phantom_adjoint's arguments (every device); returns the activation.
+inline idl_act check_phantom_args(const at::Tensor& A, const at::Tensor& Z, const at::Tensor& G,
+                                  c10::string_view activation, double slope, int64_t steps,
+                                  double tau) {
+    check_adjoint_tensors(A, Z, G);
     check_phantom(steps, tau);
     return parse_activation(activation, slope);
 }
@@ -190,10 +196,7 @@ inline SolveArgs check_adjoint_args(const at::Tensor& A, const at::Tensor& Z, co
                                     c10::string_view activation, double slope, int64_t max_iter,
                                     double tol, c10::string_view method, int64_t memory,
                                     double rtol = 0.0) {
-    check_square_with(A, Z, "Z");
-    check_same(G, Z, "G", "Z");
-    TORCH_CHECK_VALUE(G.sizes() == Z.sizes(), "idl: G must have shape ", Z.sizes(), ", got ",
-                      G.sizes());
+    check_adjoint_tensors(A, Z, G);
     return SolveArgs{parse_activation(activation, slope),
                      parse_solver(method, max_iter, tol, memory, "max_iter", "tol", rtol)};
 }
